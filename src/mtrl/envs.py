@@ -1,0 +1,249 @@
+"""Benchmarks as task lists, vector environments, and episode bookkeeping.
+
+A benchmark id (what a user types after ``--env-id``) resolves to a :class:`Suite`: an ordered list of
+tasks, each a name and a factory that builds one gymnasium env, plus the rule that decides whether an
+episode was a success. Single-task ids are suites of one task. Every vector env built here uses
+gymnasium's SAME_STEP autoreset: the step that ends an episode returns the *reset* observation and
+puts the true final observation in ``info["final_obs"]`` (needed to bootstrap at truncation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, AsyncVectorEnv, SyncVectorEnv
+
+# ----------------------------------------------------------------------------------------------
+# success rules
+# ----------------------------------------------------------------------------------------------
+SUCCESS_RULES = ("reached_time_limit", "return_threshold", "info_success")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    make: Callable[[], gym.Env]
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    env_id: str
+    tasks: tuple[Task, ...]
+    success_rule: str  # one of SUCCESS_RULES
+    success_threshold: float = 0.0  # for return_threshold
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+
+# ----------------------------------------------------------------------------------------------
+# toy suites
+# ----------------------------------------------------------------------------------------------
+class SwapActions(gym.ActionWrapper):
+    """Exchange discrete actions according to a permutation (observations unchanged)."""
+
+    def __init__(self, env: gym.Env, perm: tuple[int, ...]):
+        super().__init__(env)
+        self.perm = np.asarray(perm)
+
+    def action(self, action):
+        return int(self.perm[int(action)])
+
+
+# name: (gravity, masscart, masspole, half pole length, force_mag, actions reversed)
+CARTPOLE_MT10 = {
+    "standard": (9.8, 1.0, 0.1, 0.5, 10.0, False),
+    "high-gravity": (15.0, 1.0, 0.1, 0.5, 10.0, False),
+    "low-gravity": (5.0, 1.0, 0.1, 0.5, 10.0, False),
+    "heavy-cart": (9.8, 2.0, 0.1, 0.5, 10.0, False),
+    "heavy-pole": (9.8, 1.0, 0.5, 0.5, 10.0, False),
+    "long-pole": (9.8, 1.0, 0.1, 1.0, 10.0, False),
+    "short-pole": (9.8, 1.0, 0.1, 0.25, 10.0, False),
+    "weak-push": (9.8, 1.0, 0.1, 0.5, 6.0, False),
+    "reversed-push": (9.8, 1.0, 0.1, 0.5, 10.0, True),
+    "reversed-long-pole": (9.8, 1.0, 0.1, 1.0, 10.0, True),
+}
+
+
+def make_cartpole(gravity, masscart, masspole, length, force_mag, reversed_actions) -> gym.Env:
+    env = gym.make("CartPole-v1")  # TimeLimit 500
+    u = env.unwrapped
+    u.gravity, u.masscart, u.masspole, u.length, u.force_mag = gravity, masscart, masspole, length, force_mag
+    u.total_mass = masspole + masscart
+    u.polemass_length = masspole * length
+    if reversed_actions:
+        env = SwapActions(env, (1, 0))
+    return env
+
+
+# name: (gravity, enable_wind, wind_power, turbulence_power, side engines exchanged)
+# LunarLander actions: 0 noop, 1 left orientation engine, 2 main engine, 3 right orientation engine.
+LUNARLANDER_MT10 = {
+    "calm": (-10.0, False, 0.0, 0.0, False),
+    "low-gravity": (-6.0, False, 0.0, 0.0, False),
+    "high-gravity": (-11.5, False, 0.0, 0.0, False),
+    "breeze": (-10.0, True, 5.0, 0.5, False),
+    "windy": (-10.0, True, 10.0, 1.0, False),
+    "gusty": (-10.0, True, 15.0, 1.5, False),
+    "storm": (-10.0, True, 20.0, 2.0, False),
+    "low-gravity-storm": (-6.0, True, 20.0, 2.0, False),
+    "swapped-engines": (-10.0, False, 0.0, 0.0, True),
+    "swapped-engines-windy": (-10.0, True, 10.0, 1.0, True),
+}
+
+
+def make_lunarlander(gravity, enable_wind, wind_power, turbulence_power, swapped) -> gym.Env:
+    env = gym.make(
+        "LunarLander-v3",
+        gravity=gravity,
+        enable_wind=enable_wind,
+        wind_power=wind_power,
+        turbulence_power=turbulence_power,
+    )
+    if swapped:
+        env = SwapActions(env, (0, 3, 2, 1))
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta-World
+# ----------------------------------------------------------------------------------------------
+METAWORLD_SUITES = {
+    "MT3": ("reach-v3", "push-v3", "pick-place-v3"),
+}
+
+
+def _metaworld_task_names() -> list[str]:
+    import metaworld
+
+    return list(metaworld.ALL_V3_ENVIRONMENTS.keys())
+
+
+def make_metaworld(task_name: str, seed: int) -> gym.Env:
+    """One Meta-World v3 task with V2 reward, 500-step horizon and its 50 training goals (a goal is
+    drawn at every reset). Training episodes end only by truncation."""
+    import metaworld
+
+    return metaworld.make_mt_envs(task_name, seed=seed, max_episode_steps=500, reward_function_version="v2")
+
+
+# ----------------------------------------------------------------------------------------------
+# resolving an id
+# ----------------------------------------------------------------------------------------------
+TOY_SUITES = {"toy/CartPole-MT10": CARTPOLE_MT10, "toy/LunarLander-MT10": LUNARLANDER_MT10}
+GYM_SINGLE = ("CartPole-v1", "LunarLander-v3")
+
+
+def known_env_ids() -> list[str]:
+    return [*GYM_SINGLE, *TOY_SUITES, *(f"metaworld/{s}" for s in METAWORLD_SUITES), "metaworld/<task>-v3"]
+
+
+def make_suite(env_id: str, task: str | None = None, seed: int = 0) -> Suite:
+    """Resolve a benchmark id (and optionally one task of a suite) into a :class:`Suite`.
+
+    Raises ``ValueError`` naming the bad value and the allowed ones. Builds no environment."""
+    if env_id in GYM_SINGLE:
+        if task is not None:
+            raise ValueError(f"--task {task!r} is only for suites; {env_id!r} is a single task")
+        rule, thr = ("reached_time_limit", 0.0) if env_id == "CartPole-v1" else ("return_threshold", 200.0)
+        suite = Suite(env_id, (Task(env_id, lambda e=env_id: gym.make(e)),), rule, thr)
+    elif env_id in TOY_SUITES:
+        table = TOY_SUITES[env_id]
+        maker = make_cartpole if "CartPole" in env_id else make_lunarlander
+        tasks = tuple(Task(n, lambda p=p: maker(*p)) for n, p in table.items())
+        rule, thr = ("reached_time_limit", 0.0) if "CartPole" in env_id else ("return_threshold", 200.0)
+        suite = Suite(env_id, tasks, rule, thr)
+    elif env_id.startswith("metaworld/"):
+        name = env_id[len("metaworld/") :]
+        if name in METAWORLD_SUITES:
+            names = METAWORLD_SUITES[name]
+        elif name == "MT10":
+            import metaworld
+
+            names = tuple(metaworld.MT10().train_classes.keys())
+        elif name in _metaworld_task_names():
+            if task is not None:
+                raise ValueError(f"--task {task!r} is only for suites; {env_id!r} is a single task")
+            names = (name,)
+        else:
+            raise ValueError(
+                f"unknown Meta-World id {env_id!r}: use metaworld/MT3, metaworld/MT10 or metaworld/<task>-v3 "
+                f"with <task>-v3 one of {', '.join(_metaworld_task_names())}"
+            )
+        tasks = tuple(Task(n, lambda n=n, i=i: make_metaworld(n, seed + 1000 * i)) for i, n in enumerate(names))
+        suite = Suite(env_id, tasks, "info_success")
+    else:
+        raise ValueError(f"unknown env id {env_id!r}; allowed: {', '.join(known_env_ids())}")
+
+    if task is not None:
+        if task not in suite.task_names:
+            raise ValueError(f"unknown --task {task!r} for {env_id}; allowed: {', '.join(suite.task_names)}")
+        suite = dataclasses.replace(suite, tasks=tuple(t for t in suite.tasks if t.name == task))
+    return suite
+
+
+def make_vector_env(suite: Suite, envs_per_task: int, seed: int, vector_mode: str = "sync"):
+    """``envs_per_task`` copies of every task, task-major: env ``i`` runs task ``i // envs_per_task``.
+
+    Returns ``(envs, task_ids)``. The envs are reset with seeds ``seed, seed+1, ...``."""
+    fns = [t.make for t in suite.tasks for _ in range(envs_per_task)]
+    cls = {"sync": SyncVectorEnv, "async": AsyncVectorEnv}[vector_mode]
+    envs = cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    task_ids = np.repeat(np.arange(suite.num_tasks), envs_per_task)
+    envs.action_space.seed(seed)
+    return envs, task_ids
+
+
+def final_obs(next_obs: np.ndarray, infos: dict, done: np.ndarray) -> np.ndarray:
+    """The true last observation of every env (SAME_STEP autoreset): ``info["final_obs"]`` where an
+    episode ended, ``next_obs`` elsewhere."""
+    out = next_obs.copy()
+    if done.any():
+        for i in np.flatnonzero(done):
+            out[i] = infos["final_obs"][i]
+    return out
+
+
+class EpisodeTracker:
+    """Accumulates raw rewards per env and reports finished episodes with their success."""
+
+    def __init__(self, suite: Suite, task_ids: np.ndarray):
+        self.suite, self.task_ids = suite, task_ids
+        n = len(task_ids)
+        self.ret = np.zeros(n)
+        self.len = np.zeros(n, dtype=np.int64)
+        self.any_success = np.zeros(n, dtype=bool)
+
+    def step(self, rewards, terminations, truncations, infos) -> list[tuple[int, float, int, bool, int]]:
+        """Returns ``[(task_id, return, length, success, env_index), ...]`` for episodes that ended here."""
+        self.ret += rewards
+        self.len += 1
+        done = np.logical_or(terminations, truncations)
+        if self.suite.success_rule == "info_success":
+            if "success" in infos:
+                self.any_success |= np.asarray(infos["success"], dtype=float) > 0
+            if done.any() and "final_info" in infos and "success" in infos["final_info"]:
+                fin = infos["final_info"]
+                self.any_success |= (np.asarray(fin["success"], dtype=float) > 0) & fin.get("_success", done)
+        finished = []
+        for i in np.flatnonzero(done):
+            success = self._success(i, terminations[i], truncations[i])
+            finished.append((int(self.task_ids[i]), float(self.ret[i]), int(self.len[i]), success, int(i)))
+            self.ret[i], self.len[i], self.any_success[i] = 0.0, 0, False
+        return finished
+
+    def _success(self, i, terminated, truncated) -> bool:
+        rule = self.suite.success_rule
+        if rule == "reached_time_limit":
+            return bool(truncated and not terminated)
+        if rule == "return_threshold":
+            return bool(self.ret[i] >= self.suite.success_threshold)
+        return bool(self.any_success[i])

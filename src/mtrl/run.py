@@ -1,0 +1,430 @@
+"""The run contract (protocol.md section 5), written once for every algorithm file.
+
+- :func:`parse_args`: tyro + ``--config file.toml`` (file values are defaults, flags override, unknown
+  keys are an error) + ``--resume <run dir>`` (the saved config is reloaded) + validation, all before
+  any work starts.
+- :class:`Run`: the run directory (never overwritten), ``config.json``, TensorBoard (and W&B with
+  ``--track``), ``eval.jsonl``, ``summary.json``, atomic checkpoints, SIGTERM/SIGINT handling, progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import typing
+from collections import deque
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINT_NAME = "checkpoints/latest.pt"
+# arguments that may differ between a run and its ``--resume`` (they do not change results)
+RESUME_MAY_CHANGE = {"resume", "progress", "cuda", "track", "config", "torch_threads", "vector_mode"}
+
+
+class ArgError(ValueError):
+    """Bad user input; reported as ``error: ...`` with exit code 2 before any work starts."""
+
+
+def fail(msg: str, code: int = 2) -> typing.NoReturn:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments
+# ----------------------------------------------------------------------------------------------
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag:
+            if i + 1 >= len(argv):
+                fail(f"{flag} needs a value")
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _coerce(args_cls, values: dict) -> dict:
+    hints = typing.get_type_hints(args_cls)
+    return {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]).lower() else v for k, v in values.items()}
+
+
+def load_config(path: str, args_cls, algo: str) -> dict:
+    """Top-level keys of the TOML file apply to every algorithm; a table named after the algorithm
+    (``[ppo_varshare]``) holds its own values; tables of other algorithms are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArgError(f"--config {path!r}: no such file")
+    with p.open("rb") as f:
+        data = tomllib.load(f)
+    fields = {f.name for f in dataclasses.fields(args_cls)}
+    values = {}
+    for scope, table in [("top level", {k: v for k, v in data.items() if not isinstance(v, dict)}), (f"[{algo}]", data.get(algo, {}))]:
+        for k, v in table.items():
+            key = k.replace("-", "_")
+            if key not in fields:
+                raise ArgError(
+                    f"unknown key {k!r} ({scope}) in config {path!r} for {algo}; allowed keys: {', '.join(sorted(fields))}"
+                )
+            values[key] = v
+    return _coerce(args_cls, values)
+
+
+def parse_args(args_cls, algo: str, validate=None, argv: list[str] | None = None):
+    """Parse the command line into ``args_cls``. ``validate(args)`` (algorithm specific) raises
+    :class:`ArgError`; any bad input exits with code 2 and a message before anything is created."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        default = args_cls()
+        resume = _flag_value(argv, "--resume")
+        config = _flag_value(argv, "--config")
+        saved = None
+        if resume is not None:
+            cfg = Path(resume) / "config.json"
+            if not cfg.is_file():
+                raise ArgError(f"--resume {resume!r}: not a run directory (no config.json there)")
+            saved = json.loads(cfg.read_text())
+            if saved.get("algo") != algo:
+                raise ArgError(f"--resume {resume!r} is a {saved.get('algo')} run, not {algo}")
+            default = dataclasses.replace(default, **_coerce(args_cls, saved["args"]))
+        elif config is not None:
+            default = dataclasses.replace(default, **load_config(config, args_cls, algo))
+        args = tyro.cli(args_cls, default=default, args=argv)
+        if saved is not None:
+            changed = [k for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE and json.loads(json.dumps(v)) != saved["args"].get(k)]
+            if changed:
+                raise ArgError(f"--resume continues a run with its saved arguments; cannot change {', '.join(changed)}")
+            if not (Path(resume) / CHECKPOINT_NAME).is_file():
+                raise ArgError(f"--resume {resume!r}: no checkpoint at {CHECKPOINT_NAME}")
+        try:
+            check_common(args)
+            if validate is not None:
+                validate(args)
+        except ValueError as e:  # e.g. an unknown env id or task from make_suite
+            raise ArgError(str(e)) from None
+        if saved is None:
+            run_dir = Path(args.runs_dir) / (args.run_name or "")
+            if args.run_name and run_dir.exists():
+                raise ArgError(f"run directory {str(run_dir)!r} already exists; runs are never overwritten (choose another --run-name or --resume it)")
+    except ArgError as e:
+        fail(str(e))
+    return args
+
+
+def check_common(args) -> None:
+    positive = ["total_timesteps", "learning_rate", "num_steps", "envs_per_task", "num_minibatches", "update_epochs", "eval_episodes"]
+    for name in positive:
+        if hasattr(args, name) and not getattr(args, name) > 0:
+            raise ArgError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.num_steps % args.num_minibatches != 0:
+        raise ArgError(
+            f"--num-minibatches {args.num_minibatches} must divide --num-steps {args.num_steps} "
+            "(minibatches are env-stratified: every minibatch holds num_steps/num_minibatches time steps of every env)"
+        )
+    for name in ["eval_every", "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            raise ArgError(f"--{name.replace('_', '-')} must be >= 0 (0 disables), got {getattr(args, name)}")
+    for name in ["gamma", "gae_lambda"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ArgError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up helpers
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def pick_device(cuda: bool) -> torch.device:
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(d: dict) -> None:
+    random.setstate(d["python"])
+    np.random.set_state(d["numpy"])
+    torch.set_rng_state(d["torch"])
+
+
+def _git_info() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return {"commit": commit or "unknown", "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ["torch", "numpy", "gymnasium", "metaworld", "mujoco", "tyro", "tensorboard"]:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def state_fingerprint(tree) -> str:
+    """A hash of every number in a nested checkpoint structure (tensors, arrays, scalars)."""
+    h = hashlib.sha256()
+
+    def visit(x, path):
+        if isinstance(x, dict):
+            for k in sorted(x, key=str):
+                visit(x[k], f"{path}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                visit(v, f"{path}/{i}")
+        elif isinstance(x, torch.Tensor):
+            h.update(path.encode())
+            h.update(x.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(x, np.ndarray):
+            h.update(path.encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, (int, float, bool, str)) or x is None:
+            h.update(f"{path}={x!r}".encode())
+
+    visit(tree, "")
+    return h.hexdigest()[:16]
+
+
+def jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# progress
+# ----------------------------------------------------------------------------------------------
+class Progress:
+    """One status line: rewritten in place on a terminal (at most 4 times a second), and one plain
+    line every ``interval`` seconds otherwise, so log files stay short."""
+
+    def __init__(self, total: int, enabled: bool, interval: float = 30.0):
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
+        self.interval = 0.25 if self.tty else interval
+        self.last = 0.0
+
+    def update(self, step: int, sps: float, extra: str = "", force: bool = False) -> None:
+        now = time.time()
+        if not self.enabled or (not force and now - self.last < self.interval):
+            return
+        self.last = now
+        line = f"{step:>10,}/{self.total:,} steps ({100 * step / self.total:5.1f}%) | {sps:7.0f} SPS | {extra}"
+        if self.tty:
+            print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+class RecentEpisodes:
+    """Recent finished episodes per task, for logging and the progress line."""
+
+    def __init__(self, task_names: list[str], maxlen: int = 20):
+        self.task_names = task_names
+        self.ret = [deque(maxlen=maxlen) for _ in task_names]
+        self.success = [deque(maxlen=maxlen) for _ in task_names]
+        self.new: list[tuple[int, float, int, bool]] = []
+
+    def add(self, finished) -> None:
+        for task, ret, length, success, *_ in finished:
+            self.ret[task].append(ret)
+            self.success[task].append(float(success))
+        self.new.extend(finished)
+
+    def scalars(self) -> dict:
+        """Scalars of the episodes finished since the last call (empty if none)."""
+        new, self.new = self.new, []
+        if not new:
+            return {}
+        out = {
+            "charts/episodic_return": float(np.mean([e[1] for e in new])),
+            "charts/episodic_length": float(np.mean([e[2] for e in new])),
+            "charts/success_rate": float(np.mean([e[3] for e in new])),
+        }
+        if len(self.task_names) > 1:
+            for t, name in enumerate(self.task_names):
+                mine = [e for e in new if e[0] == t]
+                if mine:
+                    out[f"charts/episodic_return/{name}"] = float(np.mean([e[1] for e in mine]))
+                    out[f"charts/success_rate/{name}"] = float(np.mean([e[3] for e in mine]))
+        return out
+
+    def summary_line(self) -> str:
+        rets = [r for d in self.ret for r in d]
+        succ = [s for d in self.success for s in d]
+        if not rets:
+            return "no episode finished yet"
+        return f"return {np.mean(rets):8.1f} | success {np.mean(succ):4.2f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the run directory
+# ----------------------------------------------------------------------------------------------
+class Run:
+    def __init__(self, args, algo: str, task_names: list[str], derived: dict):
+        self.args, self.algo, self.task_names = args, algo, task_names
+        self.start_time = time.time()
+        self.stop_signal: int | None = None
+        if args.resume:
+            self.dir = Path(args.resume)
+            self.name = self.dir.name
+        else:
+            env_part = args.env_id.replace("/", "-") + (f"-{args.task}" if getattr(args, "task", None) else "")
+            self.name = args.run_name or f"{env_part}__{algo}__{args.seed}__{int(time.time())}"
+            self.dir = Path(args.runs_dir) / self.name
+            try:
+                self.dir.mkdir(parents=True, exist_ok=False)
+            except FileExistsError:
+                fail(f"run directory {str(self.dir)!r} already exists; runs are never overwritten")
+            (self.dir / "checkpoints").mkdir()
+            config = {
+                "algo": algo,
+                "run_name": self.name,
+                "args": jsonable(dataclasses.asdict(args)),
+                "derived": jsonable(derived),
+                "task_names": task_names,
+                "git": _git_info(),
+                "versions": _versions(),
+                "command": sys.argv,
+                "start_time": self.start_time,
+            }
+            (self.dir / "config.json").write_text(json.dumps(config, indent=2))
+        self.writer = None
+        self.wandb = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # second signal: stop at once
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        print(f"\nreceived signal {signum}: saving a checkpoint and stopping", file=sys.stderr, flush=True)
+
+    # ---- logging ----
+    def open_logs(self, global_step: int) -> None:
+        """Open TensorBoard (and W&B). On resume, events after ``global_step`` are purged from the
+        view and ``eval.jsonl`` lines after it are dropped, so the logs continue the checkpoint."""
+        if self.args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=self.args.wandb_project_name,
+                entity=self.args.wandb_entity,
+                sync_tensorboard=True,
+                config=dataclasses.asdict(self.args),
+                name=self.name,
+                id=self.name.replace("/", "-")[:128],
+                resume="allow",
+                dir=str(self.dir),
+                save_code=True,
+            )
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.dir), purge_step=global_step if self.args.resume else None)
+        ev = self.dir / "eval.jsonl"
+        if self.args.resume and ev.exists():
+            keep = [line for line in ev.read_text().splitlines() if line and json.loads(line)["global_step"] <= global_step]
+            ev.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+
+    def log_eval(self, global_step: int, results: dict, prefix: str = "eval", extra: dict | None = None) -> dict:
+        """``results``: task name -> {"success": float, "return": float}. Writes TensorBoard scalars and
+        (for the primary ``eval`` prefix) one ``eval.jsonl`` line. Returns the line's record."""
+        success = float(np.mean([r["success"] for r in results.values()]))
+        ret = float(np.mean([r["return"] for r in results.values()]))
+        self.writer.add_scalar(f"{prefix}/success_rate", success, global_step)
+        self.writer.add_scalar(f"{prefix}/return", ret, global_step)
+        for name, r in results.items():
+            self.writer.add_scalar(f"{prefix}/success_rate/{name}", r["success"], global_step)
+            self.writer.add_scalar(f"{prefix}/return/{name}", r["return"], global_step)
+        record = {
+            "global_step": global_step,
+            "wall_clock": time.time() - self.start_time,
+            "mean_success": success,
+            "mean_return": ret,
+            "success": {k: r["success"] for k, r in results.items()},
+            "return": {k: r["return"] for k, r in results.items()},
+            **(extra or {}),
+        }
+        if prefix == "eval":
+            with (self.dir / "eval.jsonl").open("a") as f:
+                f.write(json.dumps(jsonable(record)) + "\n")
+        return record
+
+    # ---- checkpoints ----
+    def save_checkpoint(self, state: dict) -> None:
+        path = self.dir / CHECKPOINT_NAME
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous checkpoint
+
+    def load_checkpoint(self) -> dict | None:
+        if not self.args.resume:
+            return None
+        return torch.load(self.dir / CHECKPOINT_NAME, weights_only=False, map_location="cpu")
+
+    # ---- the end ----
+    def finish(self, summary: dict) -> None:
+        summary = {"algo": self.algo, "env_id": self.args.env_id, "seed": self.args.seed, "run_name": self.name, **summary}
+        (self.dir / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(flag: torch.Tensor, run: Run, global_step: int) -> None:
+    """Stop the run with a clear message if any loss of this iteration was NaN/inf. The checkpoint on
+    disk is the last good one (no checkpoint is written after a non-finite loss)."""
+    if bool(flag):
+        run.close()
+        fail(
+            f"non-finite loss at global step {global_step}; stopping. The last good checkpoint is "
+            f"{run.dir / CHECKPOINT_NAME} (resume with --resume {run.dir} after fixing the cause)",
+            code=3,
+        )
