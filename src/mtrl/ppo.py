@@ -36,7 +36,7 @@ class RunningMeanStd:
         self.count = tot
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean.copy(), "var": self.var.copy(), "count": self.count}
+        return {"mean": np.array(self.mean, np.float64), "var": np.array(self.var, np.float64), "count": float(self.count)}
 
     def load_state_dict(self, d: dict) -> None:
         self.mean, self.var, self.count = np.array(d["mean"]), np.array(d["var"]), float(d["count"])

@@ -200,7 +200,7 @@ def state_fingerprint(tree) -> str:
         elif isinstance(x, torch.Tensor):
             h.update(path.encode())
             h.update(x.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(x, np.ndarray):
+        elif isinstance(x, (np.ndarray, np.generic)):
             h.update(path.encode())
             h.update(np.ascontiguousarray(x).tobytes())
         elif isinstance(x, (int, float, bool, str)) or x is None:
@@ -355,7 +355,7 @@ class Run:
             )
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.dir), purge_step=global_step if self.args.resume else None)
+        self.writer = SummaryWriter(str(self.dir), purge_step=global_step + 1 if self.args.resume else None)
         ev = self.dir / "eval.jsonl"
         if self.args.resume and ev.exists():
             keep = [line for line in ev.read_text().splitlines() if line and json.loads(line)["global_step"] <= global_step]

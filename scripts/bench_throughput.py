@@ -1,0 +1,96 @@
+"""Training throughput over environment-only throughput, on this machine, in one run.
+
+For each case: (1) env-only steps/s of the same vector env with random actions (pre-sampled, so the
+sampler is not timed), (2) an algorithm run as a user runs it (a subprocess), whose rollout-phase and
+overall steps/s are read from its TensorBoard scalars (first iteration excluded: start-up).
+
+    python scripts/bench_throughput.py            # CartPole-v1 and metaworld/reach-v3, ppo_single
+    python scripts/bench_throughput.py --steps 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from mtrl.envs import make_suite, make_vector_env  # noqa: E402
+
+# (label, algo, env id, hyperparameters). reach-v3 uses CleanRL ppo_continuous_action's settings
+# (1 env, 2048 steps, 32 minibatches, 10 epochs, 64x64), the setting of the 740 vs 2,505 steps/s figure.
+CASES = [
+    ("CartPole-v1", "ppo_single", "CartPole-v1", ["--config", "configs/cartpole.toml"]),
+    ("metaworld/reach-v3", "ppo_single", "metaworld/reach-v3",
+     ["--envs-per-task", "1", "--num-steps", "2048", "--num-minibatches", "32", "--update-epochs", "10", "--learning-rate", "3e-4",
+      "--hidden-sizes", "64", "64", "--ent-coef", "0.0"]),
+]
+
+
+def env_only_sps(env_id: str, envs_per_task: int, steps: int, seed: int = 0) -> float:
+    suite = make_suite(env_id, None, seed)
+    envs, _ = make_vector_env(suite, envs_per_task, seed)
+    envs.reset(seed=seed)
+    n_iter = max(1, steps // envs.num_envs)
+    actions = [envs.action_space.sample() for _ in range(n_iter)]
+    t = time.perf_counter()
+    for a in actions:
+        envs.step(a)
+    sps = n_iter * envs.num_envs / (time.perf_counter() - t)
+    envs.close()
+    return sps
+
+
+def training_sps(algo: str, env_id: str, extra: list[str], steps: int) -> tuple[float, float, int]:
+    from conftest import scalars
+
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, str(REPO / "src" / "algos" / f"{algo}.py"), "--env-id", env_id, *extra, "--total-timesteps", str(steps),
+               "--eval-every", "0", "--eval-episodes", "1", "--checkpoint-every", "0", "--runs-dir", d, "--run-name", "b", "--no-progress"]
+        subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        tags = scalars(Path(d) / "b")
+        rollout = [v for _, v in tags["charts/rollout_SPS"]][1:] or [tags["charts/rollout_SPS"][0][1]]
+        steps_at = [s for s, _ in tags["charts/SPS"]]
+        # overall SPS excluding the first iteration: steps over the wall clock between iteration ends
+        wall = [v for _, v in tags["charts/wall_clock_s"]]
+        overall = (steps_at[-1] - steps_at[0]) / (wall[-1] - wall[0]) if len(wall) > 1 else tags["charts/SPS"][-1][1]
+        envs_per_task = int(extra[extra.index("--envs-per-task") + 1]) if "--envs-per-task" in extra else None
+        return float(np.mean(rollout)), float(overall), envs_per_task
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30_000, help="environment steps per measurement")
+    p.add_argument("--only", default=None, help="run only cases whose label contains this")
+    a = p.parse_args()
+    rows = []
+    for label, algo, env_id, extra in CASES:
+        if a.only and a.only not in label:
+            continue
+        rollout, overall, ept = training_sps(algo, env_id, extra, a.steps)
+        if ept is None:  # from the config file
+            import tomllib
+
+            cfg = tomllib.loads((REPO / extra[extra.index("--config") + 1]).read_text())
+            ept = cfg["envs_per_task"]
+        env_sps = env_only_sps(env_id, ept, a.steps)
+        rows.append((label, algo, env_sps, rollout, overall))
+        print(f"measured {label} {algo}: env {env_sps:.0f}, rollout {rollout:.0f}, training {overall:.0f}", file=sys.stderr)
+    print(f"\nsteps per measurement: {a.steps}; torch threads 1; {os.cpu_count()} CPUs\n")
+    print("| env | algo | env-only SPS | rollout SPS | training SPS | rollout / env | training / env |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for label, algo, env_sps, rollout, overall in rows:
+        print(f"| {label} | {algo} | {env_sps:,.0f} | {rollout:,.0f} | {overall:,.0f} | {rollout / env_sps:.2f} | {overall / env_sps:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

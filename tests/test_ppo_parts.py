@@ -1,0 +1,67 @@
+"""Backbone pieces against independent references: torch.distributions, numpy statistics."""
+
+import numpy as np
+import torch
+
+from mtrl.ppo import ObsNormalizer, RewardScaler, RunningMeanStd, action_head
+
+
+def test_gaussian_head_matches_torch_distributions():
+    torch.manual_seed(0)
+    mean, logstd, a = torch.randn(5, 3), torch.randn(5, 3) * 0.3, torch.randn(5, 3)
+    _, logp, ent = action_head(mean, logstd, a)
+    ref = torch.distributions.Normal(mean, logstd.exp())
+    torch.testing.assert_close(logp, ref.log_prob(a).sum(-1))
+    torch.testing.assert_close(ent, ref.entropy().sum(-1))
+    act, _, _ = action_head(mean, logstd, deterministic=True)
+    torch.testing.assert_close(act, mean)
+
+
+def test_categorical_head_matches_torch_distributions():
+    torch.manual_seed(0)
+    logits, a = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    _, logp, ent = action_head(logits, None, a)
+    ref = torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(logp, ref.log_prob(a))
+    torch.testing.assert_close(ent, ref.entropy())
+    assert torch.equal(action_head(logits, None, deterministic=True)[0], logits.argmax(-1))
+    # sampling frequencies follow the probabilities (Monte Carlo, 4 sigma)
+    probs = torch.softmax(logits[0], -1)
+    draws = action_head(logits[:1].expand(40000, 4), None)[0]
+    freq = torch.bincount(draws, minlength=4).float() / 40000
+    assert torch.all((freq - probs).abs() < 4 * (probs * (1 - probs) / 40000).sqrt() + 1e-3)
+
+
+def test_running_mean_std_equals_numpy_over_batches():
+    rng = np.random.default_rng(1)
+    data = rng.normal(3.0, 2.0, size=(1000, 4))
+    rms = RunningMeanStd((4,), epsilon=0.0)
+    rms.count = 0.0
+    for chunk in np.array_split(data, 37):
+        if rms.count == 0:
+            rms.mean, rms.var, rms.count = chunk.mean(0), chunk.var(0), len(chunk)
+        else:
+            rms.update(chunk)
+    np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-10)
+
+
+def test_obs_normalizer_is_frozen_without_update_and_roundtrips():
+    norm = ObsNormalizer((2,))
+    norm(np.array([[1.0, 10.0], [3.0, 30.0]]))
+    before = norm.state_dict()
+    z = norm(np.array([[2.0, 20.0]]), update=False)
+    np.testing.assert_allclose(z, [[0.0, 0.0]], atol=1e-3)  # the mean of what it has seen
+    assert norm.state_dict()["count"] == before["count"]
+    other = ObsNormalizer((2,))
+    other.load_state_dict(before)
+    np.testing.assert_array_equal(other(np.array([[5.0, 5.0]]), update=False), norm(np.array([[5.0, 5.0]]), update=False))
+
+
+def test_reward_scaler_divides_by_std_of_discounted_return_and_resets_at_done():
+    s = RewardScaler(1, gamma=0.5)
+    out = [s(np.array([1.0]), np.array([False]))[0] for _ in range(3)]
+    # discounted returns seen: 1, 1.5, 1.75 -> the last output is 1 / std of {1, 1.5, 1.75} (with the tiny prior count)
+    assert abs(out[-1] - 1 / np.std([1, 1.5, 1.75])) < 1e-2
+    s(np.array([1.0]), np.array([True]))
+    assert s.ret[0] == 0.0
