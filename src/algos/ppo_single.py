@@ -145,10 +145,11 @@ class Agent(nn.Module):
         self.actor_logstd = None if discrete else nn.Parameter(torch.zeros(num_tasks, act_dim))
 
     def get_value(self, x, task_ids):
+        """x: (groups, samples, obs_dim), task_ids: (groups,) -> values (groups, samples)."""
         return self.critic(x).squeeze(-1)
 
     def get_action_and_value(self, x, task_ids, action=None, deterministic=False):
-        logstd = None if self.actor_logstd is None else self.actor_logstd[task_ids]
+        logstd = None if self.actor_logstd is None else self.actor_logstd[task_ids][:, None]
         action, logprob, entropy = action_head(self.actor(x), logstd, action, deterministic)
         return action, logprob, entropy, self.critic(x).squeeze(-1)
 
@@ -219,15 +220,16 @@ def main(args: Args) -> None:
         agent.train()
         return run.log_eval(step, results)
 
-    # ---- rollout storage (numpy; moved to the device once per iteration)
-    obs_buf = np.zeros((args.num_steps, num_envs, obs_dim), np.float32)
-    actions_buf = np.zeros((args.num_steps, num_envs) + (() if discrete else (act_dim,)), np.int64 if discrete else np.float32)
-    logprobs_buf = np.zeros((args.num_steps, num_envs), np.float32)
-    rewards_buf = np.zeros((args.num_steps, num_envs), np.float32)
-    values_buf = np.zeros((args.num_steps, num_envs), np.float32)
-    terminations_buf = np.zeros((args.num_steps, num_envs), bool)
-    truncations_buf = np.zeros((args.num_steps, num_envs), bool)
-    final_values_buf = np.zeros((args.num_steps, num_envs), np.float32)
+    # ---- rollout storage: env-major (num_envs, num_steps, ...), numpy; moved to the device once per iteration.
+    # Networks take (groups, samples, features) with one task id per group: a group is an env here.
+    obs_buf = np.zeros((num_envs, args.num_steps, obs_dim), np.float32)
+    actions_buf = np.zeros((num_envs, args.num_steps) + (() if discrete else (act_dim,)), np.int64 if discrete else np.float32)
+    logprobs_buf = np.zeros((num_envs, args.num_steps), np.float32)
+    rewards_buf = np.zeros((num_envs, args.num_steps), np.float32)
+    values_buf = np.zeros((num_envs, args.num_steps), np.float32)
+    terminations_buf = np.zeros((num_envs, args.num_steps), bool)
+    truncations_buf = np.zeros((num_envs, args.num_steps), bool)
+    final_values_buf = np.zeros((num_envs, args.num_steps), np.float32)
 
     next_obs, _ = envs.reset(seed=[args.seed + i for i in range(num_envs)])
     tracker = mtenvs.EpisodeTracker(suite, task_ids)
@@ -247,21 +249,22 @@ def main(args: Args) -> None:
             if run.stop_signal is not None:
                 break
             x = obs_norm(next_obs)
-            obs_buf[step] = x
+            obs_buf[:, step] = x
             with torch.inference_mode():
-                action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(x, device=device), task_ids_t)
-            action = action.cpu().numpy()
-            actions_buf[step], logprobs_buf[step], values_buf[step] = action, logprob.cpu().numpy(), value.cpu().numpy()
+                action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(x, device=device)[:, None], task_ids_t)
+            action = action[:, 0].cpu().numpy()
+            actions_buf[:, step], logprobs_buf[:, step], values_buf[:, step] = action, logprob[:, 0].cpu().numpy(), value[:, 0].cpu().numpy()
             next_obs, reward, terminations, truncations, infos = envs.step(action if act_clip is None else np.clip(action, *act_clip))
             done = terminations | truncations
-            rewards_buf[step] = reward_scaler(reward, done)
-            terminations_buf[step], truncations_buf[step] = terminations, truncations
+            rewards_buf[:, step] = reward_scaler(reward, done)
+            terminations_buf[:, step], truncations_buf[:, step] = terminations, truncations
             bootstrap = truncations & ~terminations  # truncation is not termination: bootstrap from the true final obs
             if bootstrap.any():
                 idx = np.flatnonzero(bootstrap)
                 final_x = obs_norm(mtenvs.final_obs(next_obs, infos, bootstrap)[idx], update=False)
                 with torch.inference_mode():
-                    final_values_buf[step, idx] = agent.get_value(torch.as_tensor(final_x, device=device), task_ids_t[idx]).cpu().numpy()
+                    final_values = agent.get_value(torch.as_tensor(final_x, device=device)[:, None], task_ids_t[idx])
+                final_values_buf[idx, step] = final_values[:, 0].cpu().numpy()
             episodes.add(tracker.step(reward, terminations, truncations, infos))
             global_step += num_envs
             progress.update(global_step, (global_step - start_step) / (time.time() - start_time), episodes.summary_line())
@@ -275,41 +278,39 @@ def main(args: Args) -> None:
 
         # ---- GAE
         with torch.inference_mode():
-            next_value = agent.get_value(torch.as_tensor(obs_norm(next_obs, update=False), device=device), task_ids_t).cpu().numpy()
-        advantages, returns = compute_gae(rewards_buf, values_buf, next_value, terminations_buf, truncations_buf, final_values_buf,
+            next_value = agent.get_value(torch.as_tensor(obs_norm(next_obs, update=False), device=device)[:, None], task_ids_t)[:, 0].cpu().numpy()
+        advantages, returns = compute_gae(rewards_buf.T, values_buf.T, next_value, terminations_buf.T, truncations_buf.T, final_values_buf.T,
                                           args.gamma, args.gae_lambda)
+        advantages, returns = advantages.T, returns.T
 
-        # ---- update (env-stratified minibatches: shuffled time indices, every env in every minibatch)
+        # ---- update (env-stratified minibatches: shuffled time indices, every env in every minibatch: (num_envs, minibatch_steps, ...))
         b_obs = torch.as_tensor(obs_buf, device=device)
         b_actions = torch.as_tensor(actions_buf, device=device)
         b_logprobs = torch.as_tensor(logprobs_buf, device=device)
         b_advantages = torch.as_tensor(advantages, device=device)
         b_returns = torch.as_tensor(returns, device=device)
         b_values = torch.as_tensor(values_buf, device=device)
-        mb_task_ids = task_ids_t.repeat(minibatch_steps)
         stats, first_ratio_dev = [], None
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         for epoch in range(args.update_epochs):
             time_perm = torch.randperm(args.num_steps, device=device)
             for start in range(0, args.num_steps, minibatch_steps):
                 t_idx = time_perm[start : start + minibatch_steps]
-                mb_obs = b_obs[t_idx].flatten(0, 1)
-                mb_actions = b_actions[t_idx].flatten(0, 1)
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_task_ids, mb_actions)
-                logratio = newlogprob - b_logprobs[t_idx].flatten()
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, t_idx], task_ids_t, b_actions[:, t_idx])
+                logratio = newlogprob - b_logprobs[:, t_idx]
                 ratio = logratio.exp()
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
                     if first_ratio_dev is None:
                         first_ratio_dev = (ratio - 1).abs().max()
-                mb_advantages = b_advantages[t_idx].flatten()
+                mb_advantages = b_advantages[:, t_idx]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
                 pg_loss = torch.max(-mb_advantages * ratio, -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
-                mb_returns = b_returns[t_idx].flatten()
+                mb_returns = b_returns[:, t_idx]
                 if args.clip_vloss:
-                    mb_values = b_values[t_idx].flatten()
+                    mb_values = b_values[:, t_idx]
                     v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
                     v_loss = 0.5 * torch.max((newvalue - mb_returns) ** 2, (v_clipped - mb_returns) ** 2).mean()
                 else:

@@ -16,8 +16,9 @@ class Evaluator:
 
     The eval envs are built once and reset with the same seeds at every evaluation, so every
     evaluation of a run sees the same episodes (and two runs with the same seed see the same ones).
-    ``act_fn(obs, task_ids) -> actions`` receives normalised observations as a float tensor on
-    ``device`` and must act deterministically (distribution mode)."""
+    ``act_fn(obs, task_ids) -> actions`` receives normalised observations grouped by task, shape
+    (num_tasks, envs_per_task, obs_dim) on ``device``, with ``task_ids = arange(num_tasks)``, and must
+    act deterministically (distribution mode), returning (num_tasks, envs_per_task[, act_dim])."""
 
     def __init__(self, suite: Suite, episodes_per_task: int, seed: int, device, max_envs_per_task: int = 16):
         self.suite, self.device, self.seed = suite, device, seed
@@ -26,7 +27,7 @@ class Evaluator:
         # every env runs a fixed quota of episodes, so long and short episodes are not over- or under-counted
         base, extra = divmod(episodes_per_task, self.n_per_task)
         self.quota = np.array([base + (i % self.n_per_task < extra) for i in range(len(self.task_ids))])
-        self.task_ids_t = torch.as_tensor(self.task_ids, device=device)
+        self.group_task_ids = torch.arange(suite.num_tasks, device=device)
         space = self.envs.single_action_space
         self.clip = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
 
@@ -37,8 +38,8 @@ class Evaluator:
         remaining = self.quota.copy()
         results = {name: {"success": [], "return": []} for name in self.suite.task_names}
         while remaining.sum() > 0:
-            x = torch.as_tensor(obs_norm(obs, update=False), device=self.device)
-            action = act_fn(x, self.task_ids_t).cpu().numpy()
+            x = torch.as_tensor(obs_norm(obs, update=False), device=self.device).view(self.suite.num_tasks, self.n_per_task, -1)
+            action = act_fn(x, self.group_task_ids).flatten(0, 1).cpu().numpy()
             if self.clip is not None:
                 action = np.clip(action, *self.clip)
             obs, reward, term, trunc, infos = self.envs.step(action)

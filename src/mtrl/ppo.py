@@ -135,7 +135,8 @@ def action_head(out: torch.Tensor, logstd: torch.Tensor | None, action=None, det
     if logstd is None:
         logp_all = torch.log_softmax(out, -1)
         if action is None:
-            action = out.argmax(-1) if deterministic else torch.multinomial(logp_all.exp(), 1).squeeze(-1)
+            probs = logp_all.exp()
+            action = out.argmax(-1) if deterministic else torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:-1])
         logp = logp_all.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         return action, logp, entropy

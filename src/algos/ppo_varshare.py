@@ -1,0 +1,568 @@
+"""ppo_varshare: variational task-specific residuals in weight space with a KL price (VarShare), CleanRL style.
+
+Every linear layer of actor and critic (heads included) computes, for task t, ``W_t = theta + delta_t``
+with a shared bias. ``delta_t`` has a Gaussian posterior ``N(mu_t, sigma_t^2)`` and a zero-mean prior
+``N(0, sigma0^2)``, ``sigma0 = prior_scale / sqrt(fan_in)``; the closed-form KL of every task, scaled by
+``kl_coef / batch_size``, is added to every minibatch loss. PPO's ratio is computed under the same weight
+noise that generated the action (``--noise rollout|step|mean``). ``--residual l2`` is the L2Soft ablation:
+a deterministic residual with penalty ``(lambda_l / N) sum_t ||delta_l^t||^2``. Definitions:
+shared/spec/varshare.md; this file is ppo_mtl_embed plus the method.
+Run: ``python src/algos/ppo_varshare.py --config configs/toy_cartpole_mt10.toml``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+
+from mtrl import envs as mtenvs
+from mtrl import run as mtrun
+from mtrl.evaluation import Evaluator
+from mtrl.ppo import ACTIVATIONS, ObsNormalizer, RewardScaler, action_head, compute_gae, explained_variance, layer_init
+
+ALGO = "ppo_varshare"
+
+
+@dataclass
+class Args:
+    # ---- experiment
+    env_id: str = "toy/CartPole-MT10"
+    """benchmark id: toy/CartPole-MT10, toy/LunarLander-MT10, metaworld/MT3, metaworld/MT10 (a single-task id runs as a suite of one)"""
+    seed: int = 1
+    """seed of torch, numpy, python and the environments"""
+    config: Optional[str] = None
+    """TOML file of a benchmark's hyperparameters (configs/*.toml): its values become the defaults, explicit flags override"""
+    runs_dir: str = "runs"
+    """folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """name of the run folder (default: <env id>__<algo>__<seed>__<unix time>); an existing folder is an error"""
+    resume: Optional[str] = None
+    """a run folder to continue from its checkpoint, with its saved arguments, to the same final step"""
+    cuda: bool = True
+    """use CUDA when it is available (the code runs the same on CPU)"""
+    torch_deterministic: bool = True
+    """cudnn deterministic mode"""
+    torch_threads: int = 1
+    """torch CPU threads (1 is fastest for these small networks; 0 keeps torch's default)"""
+    track: bool = False
+    """also log to Weights & Biases (needs a W&B login; never used by the tests)"""
+    wandb_project_name: str = "varshare-mtrl"
+    """W&B project"""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user)"""
+    progress: bool = True
+    """show a compact progress line (rewritten in place on a terminal, every 30 s in a log file)"""
+
+    # ---- budget, evaluation, checkpoints
+    total_timesteps: int = 500_000
+    """environment steps over all tasks; the run stops at the first iteration boundary at or past it"""
+    eval_every: int = 50_000
+    """evaluate every this many environment steps (0: only at the end)"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes per task"""
+    checkpoint_every: int = 50_000
+    """write checkpoints/latest.pt every this many environment steps (0: only at the end and on SIGTERM/SIGINT)"""
+
+    # ---- environments and preprocessing
+    envs_per_task: int = 4
+    """parallel environments per task"""
+    vector_mode: Literal["sync", "async"] = "sync"
+    """sync: all envs in this process; async: one subprocess per env (for many-core machines)"""
+    norm_obs: bool = True
+    """normalise observations with one running mean/var shared by all tasks (frozen at evaluation)"""
+    norm_reward: bool = True
+    """scale rewards by the running std of the discounted return (one statistic for all tasks)"""
+
+    # ---- PPO
+    num_steps: int = 128
+    """steps per environment per rollout"""
+    learning_rate: float = 2.5e-4
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch; each holds num_steps/num_minibatches time steps of every environment"""
+    update_epochs: int = 4
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """surrogate clipping coefficient"""
+    clip_vloss: bool = False
+    """clip the value loss"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    target_kl: Optional[float] = None
+    """stop the epochs of an iteration early when the approximate KL exceeds this"""
+
+    # ---- network
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """hidden layer widths of the actor and of the critic"""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """hidden activation of every method"""
+
+    # ---- VarShare (varshare.md)
+    residual: Literal["variational", "l2"] = "variational"
+    """variational: VarShare; l2: the L2Soft ablation (deterministic residual, L2 penalty, no noise)"""
+    noise: Literal["rollout", "step", "mean"] = "rollout"
+    """weight noise: one draw per env per iteration (rollout), local reparameterisation per sample (step), none (mean); ignored with --residual l2"""
+    prior_scale: float = 0.1
+    """c in sigma0 = c / sqrt(fan_in): the prior std of a residual weight, relative to the layer's init scale"""
+    sigma_init_ratio: float = 1.0
+    """initial sigma / sigma0 (1: q = p at the start, so KL = 0 and every task starts as the shared network)"""
+    kl_coef: float = 1.0
+    """beta: the price of one nat of KL; the loss adds beta * sum_t KL_t / batch_size to every minibatch"""
+    kl_warmup_frac: float = 0.0
+    """warm beta up linearly over this fraction of training (0: off)"""
+    l2_coef: Optional[float] = None
+    """L2Soft strength lambda for every layer; default None = matched to VarShare, lambda_l = beta / (2 sigma0_l^2)"""
+
+
+def validate(args: Args) -> None:
+    mtenvs.make_suite(args.env_id)
+    for name in ["prior_scale", "sigma_init_ratio"]:
+        if not getattr(args, name) > 0:
+            raise mtrun.ArgError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.kl_coef < 0 or (args.l2_coef is not None and args.l2_coef < 0):
+        raise mtrun.ArgError(f"--kl-coef and --l2-coef must be >= 0, got {args.kl_coef} and {args.l2_coef}")
+    if not 0.0 <= args.kl_warmup_frac <= 1.0:
+        raise mtrun.ArgError(f"--kl-warmup-frac must be in [0, 1], got {args.kl_warmup_frac}")
+
+
+# ----------------------------------------------------------------------------------------------
+# networks
+# ----------------------------------------------------------------------------------------------
+def inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class VarShareLinear(nn.Module):
+    """Shared weight theta plus a per-task residual delta_t in weight space; the bias is shared.
+
+    Inputs are grouped, ``x: (G, M, in)`` with one task per group (``task_ids: (G,)``), so each sample
+    goes through its own task's residual with one batched matmul. ``noise`` is this layer's weight
+    noise ``eps: (G, out, in)`` (rollout mode), its pre-activation noise ``xi: (G, M, out)`` (step
+    mode), or None (posterior mean)."""
+
+    def __init__(self, in_features: int, out_features: int, num_tasks: int, init_std: float, args: Args):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.theta = nn.Parameter(nn.init.orthogonal_(torch.empty(out_features, in_features), init_std))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.mu = nn.Parameter(torch.zeros(num_tasks, out_features, in_features))  # L2Soft: this is delta
+        self.sigma0 = args.prior_scale / math.sqrt(in_features)
+        self.variational = args.residual == "variational"
+        if self.variational:
+            rho0 = inverse_softplus(args.sigma_init_ratio * self.sigma0)
+            self.rho = nn.Parameter(torch.full((num_tasks, out_features, in_features), rho0))
+
+    def sigma(self) -> torch.Tensor:
+        return nn.functional.softplus(self.rho)
+
+    def forward(self, x, task_ids, noise=None, noise_mode="mean", use_residual=True):
+        if not use_residual:
+            return x @ self.theta.T + self.bias
+        weight = self.theta + self.mu[task_ids]  # (G, out, in): the posterior mean of each group's task
+        if noise_mode == "rollout" and noise is not None:
+            weight = weight + self.sigma()[task_ids] * noise
+        y = torch.baddbmm(self.bias, x, weight.transpose(1, 2))
+        if noise_mode == "step" and noise is not None:  # local reparameterisation with a stored draw
+            var = torch.bmm(x * x, self.sigma()[task_ids].square().transpose(1, 2))
+            y = y + torch.sqrt(var + 1e-16) * noise
+        return y
+
+    def kl_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per task, summed over this layer's weights, in nats: the mean part mu^2 / (2 sigma0^2) and the
+        variance part (s - 1 - ln s) / 2 with s = sigma^2 / sigma0^2 (zero for L2Soft)."""
+        mean_part = self.mu.square().sum((1, 2)) / (2 * self.sigma0**2)
+        if not self.variational:
+            return mean_part, torch.zeros_like(mean_part)
+        log_s = 2 * (torch.log(self.sigma()) - math.log(self.sigma0))
+        var_part = 0.5 * (log_s.exp() - 1 - log_s).sum((1, 2))
+        return mean_part, var_part
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs of VarShare layers (heads included); per-task log-std."""
+
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, num_tasks: int, args: Args):
+        super().__init__()
+        self.activation = ACTIVATIONS[args.activation]()
+        self.noise_mode = args.noise if args.residual == "variational" else "mean"
+
+        def mlp(out_dim: int, out_std: float) -> nn.ModuleList:
+            dims = [obs_dim, *args.hidden_sizes]
+            hidden = [VarShareLinear(i, o, num_tasks, math.sqrt(2), args) for i, o in zip(dims[:-1], dims[1:])]
+            return nn.ModuleList([*hidden, VarShareLinear(dims[-1], out_dim, num_tasks, out_std, args)])
+
+        self.critic = mlp(1, 1.0)
+        self.actor = mlp(act_dim, 0.01)
+        self.actor_logstd = None if discrete else nn.Parameter(torch.zeros(num_tasks, act_dim))
+        self.preact_sizes = [layer.out_features for layer in [*self.actor, *self.critic]]
+        self.preact_dim = sum(self.preact_sizes)
+
+    def named_varshare_layers(self):
+        return [(f"{net}.{i}", layer) for net in ["actor", "critic"] for i, layer in enumerate(getattr(self, net))]
+
+    def sample_weight_noise(self, num_groups: int) -> list[torch.Tensor]:
+        """Rollout mode: a standard-normal tensor of every residual's shape for each group (env)."""
+        return [torch.randn(num_groups, l.out_features, l.in_features, device=l.theta.device) for _, l in self.named_varshare_layers()]
+
+    def sample_preact_noise(self, num_groups: int, num_samples: int) -> torch.Tensor:
+        """Step mode: one standard-normal draw per sample and pre-activation of every layer, (G, M, preact_dim)."""
+        return torch.randn(num_groups, num_samples, self.preact_dim, device=self.actor[0].theta.device)
+
+    def mlp_forward(self, layers, x, task_ids, noise, use_residual):
+        for i, layer in enumerate(layers):
+            x = layer(x, task_ids, noise[i], self.noise_mode, use_residual)
+            if i < len(layers) - 1:
+                x = self.activation(x)
+        return x
+
+    def split_noise(self, noise):
+        """Per-layer noise of actor and critic (the critic uses the same env's draw as the actor)."""
+        if noise is None:
+            per_layer = [None] * len(self.preact_sizes)
+        elif self.noise_mode == "step":
+            per_layer = list(torch.split(noise, self.preact_sizes, dim=-1))
+        else:
+            per_layer = noise
+        return per_layer[: len(self.actor)], per_layer[len(self.actor) :]
+
+    def get_value(self, x, task_ids, noise=None, use_residual=True):
+        """x: (groups, samples, obs_dim), task_ids: (groups,) -> values (groups, samples)."""
+        return self.mlp_forward(self.critic, x, task_ids, self.split_noise(noise)[1], use_residual).squeeze(-1)
+
+    def get_action_and_value(self, x, task_ids, noise=None, action=None, deterministic=False, use_residual=True):
+        logstd = None if self.actor_logstd is None else self.actor_logstd[task_ids][:, None]
+        out = self.mlp_forward(self.actor, x, task_ids, self.split_noise(noise)[0], use_residual)
+        action, logprob, entropy = action_head(out, logstd, action, deterministic)
+        return action, logprob, entropy, self.get_value(x, task_ids, noise, use_residual)
+
+    def kl_per_task(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL_t split into (mean part, variance part), summed over layers of actor and critic: (T,), (T,)."""
+        parts = [layer.kl_parts() for _, layer in self.named_varshare_layers()]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def residual_penalty(self, beta: float, l2_coef: float | None) -> torch.Tensor:
+        """VarShare: beta * sum_t KL_t. L2Soft: sum_l lambda_l sum_t ||delta_l^t||^2 with lambda_l = beta / (2 sigma0_l^2)
+        (matched: exactly beta times the KL mean part) or lambda_l = l2_coef."""
+        if self.noise_mode != "mean" or self.actor[0].variational:
+            return beta * sum(self.kl_per_task()).sum()
+        if l2_coef is None:
+            return beta * self.kl_per_task()[0].sum()
+        return l2_coef * sum(layer.mu.square().sum() for _, layer in self.named_varshare_layers())
+
+
+def noise_subset(noise, idx):
+    """The noise of a subset of groups (envs)."""
+    if noise is None:
+        return None
+    return [n[idx] for n in noise] if isinstance(noise, list) else noise[idx]
+
+
+def param_counts(agent: Agent, num_tasks: int) -> dict:
+    """varshare.md section 9. Active per task: |theta| + |b| + |mu_t| + |rho_t| (L2Soft: + |delta_t|), plus the
+    task's log-std row. Inference: the merged network theta + mu_t of one task, |theta| + |b| (+ log-std row)."""
+    layers = [layer for _, layer in agent.named_varshare_layers()]
+    shared = sum(l.theta.numel() + l.bias.numel() for l in layers)
+    residual = sum(l.mu[0].numel() * (2 if l.variational else 1) for l in layers)
+    logstd = 0 if agent.actor_logstd is None else agent.actor_logstd.shape[1]
+    total = sum(p.numel() for p in agent.parameters())
+    return {"active_per_task": shared + residual + logstd, "inference": shared + logstd, "total": total}
+
+
+@torch.no_grad()
+def varshare_diagnostics(agent: Agent, task_names: list[str], beta: float, batch_size: int) -> dict:
+    """varshare.md section 8, the per-iteration part."""
+    out = {}
+    mean_part, var_part = agent.kl_per_task()
+    for t, name in enumerate(task_names):
+        out[f"varshare/kl_mean_part/{name}"] = mean_part[t].item()
+        out[f"varshare/kl_var_part/{name}"] = var_part[t].item()
+        out[f"varshare/kl_loss_share/{name}"] = beta * (mean_part[t] + var_part[t]).item() / batch_size
+    rel = []
+    confident = torch.zeros(len(task_names))
+    n_weights = 0
+    for lname, layer in agent.named_varshare_layers():
+        mu_norm = layer.mu.flatten(1).norm(dim=1)  # (T,)
+        rel.append(mu_norm / layer.theta.norm().clamp_min(1e-12))
+        out[f"varshare/rel_residual_layer/{lname}"] = rel[-1].mean().item()
+        out[f"varshare/centering/{lname}"] = (layer.mu.sum(0).norm() / mu_norm.sum().clamp_min(1e-12)).item()
+        if layer.variational:
+            sigma = layer.sigma()
+            out[f"varshare/sigma_ratio_median/{lname}"] = (sigma / layer.sigma0).median().item()
+            confident += (layer.mu.abs() / sigma > 1).flatten(1).sum(1).float().cpu()
+            n_weights += layer.mu[0].numel()
+    rel = torch.stack(rel).mean(0)
+    for t, name in enumerate(task_names):
+        out[f"varshare/rel_residual/{name}"] = rel[t].item()
+        if n_weights:
+            out[f"varshare/frac_confident/{name}"] = (confident[t] / n_weights).item()
+    return out
+
+
+def specialisation(score_full: float, score_theta: float) -> float:
+    """spec_t = 1 - score(theta) / score(theta + mu_t), clipped to [0, 1]; 0 where the task scores 0."""
+    return 0.0 if score_full <= 0 else float(min(1.0, max(0.0, 1.0 - score_theta / score_full)))
+
+
+@torch.no_grad()
+def policy_divergence(agent: Agent, obs: torch.Tensor, task_ids: torch.Tensor, task_names: list[str]) -> dict:
+    """KL(pi_{theta+mu_t} || pi_theta) averaged over each task's own rollout states (obs: (envs, steps, obs_dim))."""
+    no_noise = [None] * len(agent.actor)
+    full = agent.mlp_forward(agent.actor, obs, task_ids, no_noise, True)
+    off = agent.mlp_forward(agent.actor, obs, task_ids, no_noise, False)
+    if agent.actor_logstd is None:
+        logp, logq = torch.log_softmax(full, -1), torch.log_softmax(off, -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+    else:  # same state-independent std in both: KL = sum_d (m1 - m2)^2 / (2 std^2)
+        var = agent.actor_logstd[task_ids][:, None].exp().square()
+        kl = ((full - off).square() / (2 * var)).sum(-1)
+    per_env = kl.mean(1)
+    return {name: per_env[task_ids == t].mean().item() for t, name in enumerate(task_names)}
+
+
+@torch.no_grad()
+def residual_cosine(agent: Agent) -> list[list[float]]:
+    """Cross-task cosine similarity of the residual means, all layers flattened: (T, T)."""
+    mu = torch.cat([layer.mu.flatten(1) for _, layer in agent.named_varshare_layers()], 1)
+    unit = mu / mu.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (unit @ unit.T).cpu().tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    suite = mtenvs.make_suite(args.env_id, None, args.seed)
+    num_tasks = suite.num_tasks
+    num_envs = num_tasks * args.envs_per_task
+    batch_size = num_envs * args.num_steps
+    minibatch_steps = args.num_steps // args.num_minibatches
+    num_iterations = math.ceil(args.total_timesteps / batch_size)
+    mtrun.seed_everything(args.seed, args.torch_deterministic)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    device = mtrun.pick_device(args.cuda)
+
+    # ---- env setup
+    envs, task_ids = mtenvs.make_vector_env(suite, args.envs_per_task, args.seed, args.vector_mode)
+    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
+    discrete = isinstance(act_space, gym.spaces.Discrete)
+    obs_dim, act_dim = obs_shape[0], (act_space.n if discrete else act_space.shape[0])
+    act_clip = None if discrete else (act_space.low, act_space.high)
+    task_ids_t = torch.as_tensor(task_ids, device=device)
+    obs_norm = ObsNormalizer(obs_shape, args.norm_obs)
+    reward_scaler = RewardScaler(num_envs, args.gamma, args.norm_reward)
+    evaluator = Evaluator(suite, args.eval_episodes, args.seed + 100_000, device)
+
+    # ---- networks
+    agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    params = param_counts(agent, num_tasks)
+    noise_mode = agent.noise_mode  # "mean" for --residual l2
+    derived = {"num_tasks": num_tasks, "num_envs": num_envs, "batch_size": batch_size, "minibatch_size": batch_size // args.num_minibatches,
+               "num_iterations": num_iterations, "final_step": num_iterations * batch_size, "params": params, "device": str(device),
+               "noise_mode": noise_mode, "sigma0": {n: l.sigma0 for n, l in agent.named_varshare_layers()}}
+
+    # ---- run directory, resume
+    run = mtrun.Run(args, ALGO, suite.task_names, derived)
+    global_step, start_iteration, gradient_steps = 0, 1, 0
+
+    def checkpoint_state(step: int, iteration: int) -> dict:
+        return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "obs_norm": obs_norm.state_dict(),
+                "reward_scaler": reward_scaler.state_dict(), "global_step": step, "iteration": iteration,
+                "gradient_steps": gradient_steps, "rng": mtrun.rng_state()}
+
+    ckpt = run.load_checkpoint()
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["agent"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        obs_norm.load_state_dict(ckpt["obs_norm"])
+        reward_scaler.load_state_dict(ckpt["reward_scaler"])
+        mtrun.set_rng_state(ckpt["rng"])
+        global_step, start_iteration, gradient_steps = ckpt["global_step"], ckpt["iteration"], ckpt["gradient_steps"]
+        restored = checkpoint_state(global_step, start_iteration)
+        restored["rng"] = ckpt["rng"]
+        print(f"resumed {run.dir} at step {global_step} (state fingerprint {mtrun.state_fingerprint(restored)})", flush=True)
+    run.open_logs(global_step)
+
+    def evaluate(step: int) -> dict:
+        """At the posterior mean theta + mu_t, and again with the residual off (theta alone)."""
+        agent.eval()
+        results = evaluator.run(lambda x, t: agent.get_action_and_value(x, t, deterministic=True)[0], obs_norm)
+        theta_results = evaluator.run(lambda x, t: agent.get_action_and_value(x, t, deterministic=True, use_residual=False)[0], obs_norm)
+        agent.train()
+        run.log_eval(step, theta_results, prefix="eval_theta")
+        spec = {k: specialisation(results[k]["success"], theta_results[k]["success"]) for k in suite.task_names}
+        policy_kl = policy_divergence(agent, b_obs, task_ids_t, suite.task_names) if b_obs is not None else {}
+        run.log({**{f"varshare/specialisation/{k}": v for k, v in spec.items()}, **{f"varshare/policy_kl/{k}": v for k, v in policy_kl.items()}}, step)
+        return run.log_eval(step, results, extra={"theta_success": {k: r["success"] for k, r in theta_results.items()},
+                                                  "specialisation": spec, "policy_kl": policy_kl})
+
+    # ---- rollout storage: env-major (num_envs, num_steps, ...), numpy; moved to the device once per iteration.
+    # Networks take (groups, samples, features) with one task id per group: a group is an env here.
+    obs_buf = np.zeros((num_envs, args.num_steps, obs_dim), np.float32)
+    actions_buf = np.zeros((num_envs, args.num_steps) + (() if discrete else (act_dim,)), np.int64 if discrete else np.float32)
+    logprobs_buf = np.zeros((num_envs, args.num_steps), np.float32)
+    rewards_buf = np.zeros((num_envs, args.num_steps), np.float32)
+    values_buf = np.zeros((num_envs, args.num_steps), np.float32)
+    terminations_buf = np.zeros((num_envs, args.num_steps), bool)
+    truncations_buf = np.zeros((num_envs, args.num_steps), bool)
+    final_values_buf = np.zeros((num_envs, args.num_steps), np.float32)
+    xi_buf = torch.zeros((num_envs, args.num_steps, agent.preact_dim) if noise_mode == "step" else (0,), device=device)  # step-mode noise
+    b_obs = None  # the last rollout's observations, for the policy-divergence diagnostic
+
+    next_obs, _ = envs.reset(seed=[args.seed + i for i in range(num_envs)])
+    tracker = mtenvs.EpisodeTracker(suite, task_ids)
+    episodes = mtrun.RecentEpisodes(suite.task_names)
+    progress = mtrun.Progress(num_iterations * batch_size, args.progress)
+    start_time, start_step = time.time(), global_step
+    last_eval = None
+
+    for iteration in range(start_iteration, num_iterations + 1):
+        iteration_start_step = global_step
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+        beta = args.kl_coef * (min(1.0, iteration_start_step / (args.kl_warmup_frac * num_iterations * batch_size)) if args.kl_warmup_frac > 0 else 1.0)
+        # weight noise of this iteration: one draw per env, used for its whole rollout and in every update epoch (section 5)
+        eps = agent.sample_weight_noise(num_envs) if noise_mode == "rollout" else None
+
+        # ---- rollout
+        rollout_start = time.time()
+        for step in range(args.num_steps):
+            if run.stop_signal is not None:
+                break
+            x = obs_norm(next_obs)
+            obs_buf[:, step] = x
+            noise = agent.sample_preact_noise(num_envs, 1) if noise_mode == "step" else eps
+            if noise_mode == "step":
+                xi_buf[:, step] = noise[:, 0]
+            with torch.inference_mode():
+                action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(x, device=device)[:, None], task_ids_t, noise)
+            action = action[:, 0].cpu().numpy()
+            actions_buf[:, step], logprobs_buf[:, step], values_buf[:, step] = action, logprob[:, 0].cpu().numpy(), value[:, 0].cpu().numpy()
+            next_obs, reward, terminations, truncations, infos = envs.step(action if act_clip is None else np.clip(action, *act_clip))
+            done = terminations | truncations
+            rewards_buf[:, step] = reward_scaler(reward, done)
+            terminations_buf[:, step], truncations_buf[:, step] = terminations, truncations
+            bootstrap = truncations & ~terminations  # truncation is not termination: bootstrap from the true final obs
+            if bootstrap.any():
+                idx = np.flatnonzero(bootstrap)
+                final_x = obs_norm(mtenvs.final_obs(next_obs, infos, bootstrap)[idx], update=False)
+                with torch.inference_mode():
+                    final_values = agent.get_value(torch.as_tensor(final_x, device=device)[:, None], task_ids_t[idx], noise_subset(noise, idx))
+                final_values_buf[idx, step] = final_values[:, 0].cpu().numpy()
+            episodes.add(tracker.step(reward, terminations, truncations, infos))
+            global_step += num_envs
+            progress.update(global_step, (global_step - start_step) / (time.time() - start_time), episodes.summary_line())
+        if run.stop_signal is not None:  # the partial rollout is dropped; the checkpoint holds the iteration start
+            run.save_checkpoint(checkpoint_state(iteration_start_step, iteration))
+            run.close()
+            progress.close()
+            print(f"stopped by signal {run.stop_signal}; checkpoint at step {iteration_start_step}: resume with --resume {run.dir}", flush=True)
+            raise SystemExit(128 + run.stop_signal)
+        rollout_time = time.time() - rollout_start
+
+        # ---- GAE
+        with torch.inference_mode():
+            next_noise = agent.sample_preact_noise(num_envs, 1) if noise_mode == "step" else eps
+            next_value = agent.get_value(torch.as_tensor(obs_norm(next_obs, update=False), device=device)[:, None], task_ids_t, next_noise)[:, 0].cpu().numpy()
+        advantages, returns = compute_gae(rewards_buf.T, values_buf.T, next_value, terminations_buf.T, truncations_buf.T, final_values_buf.T,
+                                          args.gamma, args.gae_lambda)
+        advantages, returns = advantages.T, returns.T
+
+        # ---- update (env-stratified minibatches: shuffled time indices, every env in every minibatch: (num_envs, minibatch_steps, ...))
+        b_obs = torch.as_tensor(obs_buf, device=device)
+        b_actions = torch.as_tensor(actions_buf, device=device)
+        b_logprobs = torch.as_tensor(logprobs_buf, device=device)
+        b_advantages = torch.as_tensor(advantages, device=device)
+        b_returns = torch.as_tensor(returns, device=device)
+        b_values = torch.as_tensor(values_buf, device=device)
+        stats, first_ratio_dev = [], None
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        for epoch in range(args.update_epochs):
+            time_perm = torch.randperm(args.num_steps, device=device)
+            for start in range(0, args.num_steps, minibatch_steps):
+                t_idx = time_perm[start : start + minibatch_steps]
+                mb_noise = xi_buf[:, t_idx] if noise_mode == "step" else eps  # the noise that generated the actions
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, t_idx], task_ids_t, mb_noise, b_actions[:, t_idx])
+                logratio = newlogprob - b_logprobs[:, t_idx]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+                    if first_ratio_dev is None:
+                        first_ratio_dev = (ratio - 1).abs().max()
+                mb_advantages = b_advantages[:, t_idx]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                pg_loss = torch.max(-mb_advantages * ratio, -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                mb_returns = b_returns[:, t_idx]
+                if args.clip_vloss:
+                    mb_values = b_values[:, t_idx]
+                    v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max((newvalue - mb_returns) ** 2, (v_clipped - mb_returns) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+                entropy_loss = entropy.mean()
+                residual_loss = agent.residual_penalty(beta, args.l2_coef) / batch_size  # full KL of every task, scaled by beta / N
+                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + residual_loss
+                nonfinite |= ~torch.isfinite(loss)
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                gradient_steps += 1
+                stats.append(torch.stack([pg_loss, v_loss, entropy_loss, approx_kl, clipfrac, residual_loss]).detach())
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+        mtrun.check_finite(nonfinite, run, global_step)
+
+        # ---- logging, evaluation, checkpoint
+        pg, vl, ent, kl, cf, rl = torch.stack(stats).mean(0).tolist()
+        sps = (global_step - start_step) / (time.time() - start_time)
+        run.log({"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps, "charts/rollout_SPS": batch_size / rollout_time,
+                 "charts/gradient_steps": gradient_steps, "charts/wall_clock_s": time.time() - run.start_time,
+                 "losses/policy_loss": pg, "losses/value_loss": vl, "losses/entropy": ent, "losses/approx_kl": kl, "losses/clipfrac": cf,
+                 "losses/explained_variance": explained_variance(values_buf.ravel(), returns.ravel()),
+                 "debug/first_minibatch_max_ratio_dev": float(first_ratio_dev), "losses/residual_penalty": rl, "varshare/beta": beta,
+                 **varshare_diagnostics(agent, suite.task_names, beta, batch_size), **episodes.scalars()}, global_step)
+        if iteration == num_iterations or (args.eval_every and global_step // args.eval_every > iteration_start_step // args.eval_every):
+            last_eval = evaluate(global_step)
+            progress.update(global_step, sps, f"eval success {last_eval['mean_success']:.2f} return {last_eval['mean_return']:.1f}", force=True)
+        if iteration == num_iterations or (args.checkpoint_every and global_step // args.checkpoint_every > iteration_start_step // args.checkpoint_every):
+            run.save_checkpoint(checkpoint_state(global_step, iteration + 1))
+
+    progress.close()
+    if last_eval is None:  # resumed at the final step
+        last_eval = evaluate(global_step)
+    run.finish({"total_steps": global_step, "final_success": last_eval["success"], "final_return": last_eval["return"],
+                "mean_success": last_eval["mean_success"], "mean_return": last_eval["mean_return"], "params": params,
+                "final_theta_success": last_eval.get("theta_success"), "final_specialisation": last_eval.get("specialisation"),
+                "residual_cosine": residual_cosine(agent), "final_kl": {k: v for k, v in varshare_diagnostics(agent, suite.task_names, 1.0, 1).items() if "kl_" in k},
+                "wall_clock_s": time.time() - run.start_time, "mean_SPS": (global_step - start_step) / max(time.time() - start_time, 1e-9)})
+    envs.close()
+    evaluator.close()
+
+
+if __name__ == "__main__":
+    main(mtrun.parse_args(Args, ALGO, validate))
