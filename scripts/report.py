@@ -1,0 +1,198 @@
+"""Turn finished runs into tables and figures (protocol.md section 3).
+
+    python scripts/report.py --runs-dir runs/toy_cartpole_mt10            # writes reports/toy_cartpole_mt10/
+    python scripts/report.py --runs-dir runs/a runs/b --out reports/x --reference varshare
+
+Runs are grouped by benchmark and method label. The label is the launcher's run-name prefix
+(``<label>__s<seed>``, ``<label>__<task>__s<seed>`` for the single-task oracle) or else the algorithm
+name. Oracle runs of one seed (one run per task) are assembled into one multi-task score vector.
+Scores are final per-task success rates (the run's last evaluation, ``summary.json``).
+
+Writes ``report.md`` (per benchmark: mean and IQM of success over runs x tasks with 95% stratified
+bootstrap CIs, probability of improvement of the reference method over each other, a per-task table of
+mean +- std over seeds, parameter counts, wall clock and SPS), ``curves_<benchmark>.png`` (IQM success
+vs total environment steps with a 95% CI band) and ``profiles_<benchmark>.png`` (performance profiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from mtrl.envs import make_suite  # noqa: E402
+
+NAME = re.compile(r"^(?P<label>[^_].*?)(__(?P<task>.+))?__s(?P<seed>\d+)$")
+
+
+def load_runs(runs_dirs: list[Path]) -> list[dict]:
+    runs = []
+    for d in runs_dirs:
+        for cfg in sorted(Path(d).glob("*/config.json")):
+            run_dir = cfg.parent
+            summary = run_dir / "summary.json"
+            if not summary.is_file():
+                continue
+            config, s = json.loads(cfg.read_text()), json.loads(summary.read_text())
+            m = NAME.match(run_dir.name)
+            label = m["label"] if m else config["algo"]
+            evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line]
+            runs.append({"dir": run_dir, "config": config, "summary": s, "label": label, "seed": config["args"]["seed"],
+                         "task": config["args"].get("task"), "env_id": config["args"]["env_id"], "evals": evals})
+    return runs
+
+
+def score_table(runs: list[dict]) -> tuple[dict, dict, dict]:
+    """Per (benchmark, label): final success (runs, tasks), curves (runs, tasks, evals) with their env steps,
+    and the runs themselves. Oracle runs of a seed are merged; seeds missing a task are left out."""
+    groups = defaultdict(list)
+    for r in runs:
+        groups[(r["env_id"], r["label"])].append(r)
+    scores, curves, members = {}, {}, {}
+    for key, rs in groups.items():
+        if rs[0]["task"] is not None:  # single-task oracle: one run per task and seed
+            task_names = make_suite(key[0]).task_names
+            by_seed = defaultdict(dict)
+            for r in rs:
+                by_seed[r["seed"]][r["task"]] = r
+            seeds = sorted(s for s, d in by_seed.items() if set(d) == set(task_names))
+            if not seeds:
+                continue
+            final = np.array([[by_seed[s][t]["summary"]["final_success"][t] for t in task_names] for s in seeds])
+            n_tasks = len(task_names)
+            steps = [e["global_step"] * n_tasks for e in by_seed[seeds[0]][task_names[0]]["evals"]]
+            curve = np.array([[[e["success"][t] for e in by_seed[s][t]["evals"]][: len(steps)] for t in task_names] for s in seeds])
+            members[key] = [by_seed[s][t] for s in seeds for t in task_names]
+        else:
+            rs = sorted(rs, key=lambda r: r["seed"])
+            task_names = rs[0]["config"]["task_names"]
+            final = np.array([[r["summary"]["final_success"][t] for t in task_names] for r in rs])
+            n_evals = min(len(r["evals"]) for r in rs)
+            steps = [e["global_step"] for e in rs[0]["evals"][:n_evals]]
+            curve = np.array([[[e["success"][t] for e in r["evals"][:n_evals]] for t in task_names] for r in rs])
+            members[key] = rs
+        scores[key] = (task_names, final)
+        curves[key] = (steps, curve)
+    return scores, curves, members
+
+
+def interval_estimates(score_dict: dict, reps: int, seed: int = 0):
+    from rliable import library as rly
+    from rliable import metrics
+
+    def aggregate(x):
+        return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
+
+    return rly.get_interval_estimates(score_dict, aggregate, reps=reps, random_state=np.random.RandomState(seed))
+
+
+def fmt_ci(point, ci) -> str:
+    return f"{point:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000) -> str:
+    from rliable import metrics
+
+    runs = load_runs(runs_dirs)
+    if not runs:
+        raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, runs_dirs))}")
+    scores, curves, members = score_table(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Report: {', '.join(map(str, runs_dirs))}", "",
+             "Final success rate per task (last evaluation). Mean and IQM over runs x tasks, 95% stratified bootstrap "
+             f"CIs ({reps} reps, rliable).", ""]
+    for env_id in sorted({k[0] for k in scores}):
+        keys = sorted((k for k in scores if k[0] == env_id), key=lambda k: k[1])
+        score_dict = {k[1]: scores[k][1] for k in keys}
+        point, ci = interval_estimates(score_dict, reps)
+        lines += [f"## {env_id}", "", "| method | runs | mean success | IQM success | active params | inference | total | wall clock (min) | SPS |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+        for k in keys:
+            label = k[1]
+            ms = members[k]
+            p = ms[0]["summary"]["params"]
+            wall = np.mean([m["summary"]["wall_clock_s"] for m in ms]) / 60
+            sps = np.mean([m["summary"]["mean_SPS"] for m in ms])
+            lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | "
+                         f"{fmt_ci(point[label][1], ci[label][:, 1])} | {p['active_per_task']:,} | {p['inference']:,} | {p['total']:,} | "
+                         f"{wall:.1f} | {sps:,.0f} |")
+        task_names = scores[keys[0]][0]
+        lines += ["", "Per-task success, mean +- std over seeds:", "", "| method | " + " | ".join(task_names) + " |",
+                  "|---|" + "---:|" * len(task_names)]
+        for k in keys:
+            names, final = scores[k]
+            col = {t: final[:, i] for i, t in enumerate(names)}
+            lines.append(f"| {k[1]} | " + " | ".join(f"{col[t].mean():.2f} +- {col[t].std():.2f}" if t in col else "-" for t in task_names) + " |")
+        if reference in score_dict:
+            lines += ["", f"Probability of improvement of {reference} over each method (per-task success, Mann-Whitney; "
+                          "0.5 = no difference):", ""]
+            for label, s in score_dict.items():
+                if label != reference and s.shape[1] == score_dict[reference].shape[1]:
+                    lines.append(f"- P({reference} > {label}) = {metrics.probability_of_improvement(score_dict[reference], s):.3f}")
+        lines.append("")
+        plot_benchmark(env_id, {k[1]: curves[k] for k in keys}, score_dict, out, reps)
+        stem = env_id.replace("/", "-")
+        lines += [f"![curves](curves_{stem}.png) ![profiles](profiles_{stem}.png)", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def plot_benchmark(env_id: str, curves: dict, score_dict: dict, out: Path, reps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import library as rly
+    from rliable import metrics
+
+    stem = env_id.replace("/", "-")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (steps, curve) in curves.items():  # curve: (runs, tasks, evals)
+        def iqm_per_eval(x):
+            return np.array([metrics.aggregate_iqm(x[..., j]) for j in range(x.shape[-1])])
+
+        point, ci = rly.get_interval_estimates({label: curve}, iqm_per_eval, reps=max(200, reps // 10), random_state=np.random.RandomState(0))
+        ax.plot(steps, point[label], label=label)
+        ax.fill_between(steps, ci[label][0], ci[label][1], alpha=0.2)
+    ax.set(xlabel="environment steps (all tasks)", ylabel="IQM success", title=env_id, ylim=(-0.02, 1.02))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"curves_{stem}.png", dpi=120)
+    plt.close(fig)
+
+    taus = np.linspace(0, 1, 21)
+    dists, dist_cis = rly.create_performance_profile(score_dict, taus, reps=max(200, reps // 10))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in score_dict:
+        ax.plot(taus, dists[label], label=label)
+        ax.fill_between(taus, dist_cis[label][0], dist_cis[label][1], alpha=0.2)
+    ax.set(xlabel="success threshold tau", ylabel="fraction of runs x tasks with success > tau", title=env_id)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"profiles_{stem}.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs-dir", type=Path, nargs="+", required=True, help="folder(s) holding run folders")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<name of the first runs dir>)")
+    p.add_argument("--reference", default="varshare", help="method whose probability of improvement over the others is reported")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
+    a = p.parse_args()
+    for d in a.runs_dir:
+        if not d.is_dir():
+            raise SystemExit(f"error: --runs-dir {d}: no such folder")
+    print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps))
+
+
+if __name__ == "__main__":
+    main()
