@@ -50,7 +50,10 @@ def env_only_sps(env_id: str, envs_per_task: int, steps: int, seed: int = 0) -> 
     return sps
 
 
-def training_sps(algo: str, env_id: str, extra: list[str], steps: int) -> tuple[float, float, int]:
+def timed_run(algo: str, env_id: str, extra: list[str], steps: int) -> dict:
+    """Run ``algo`` as a user does (subprocess, no evaluation or checkpoints until the end) and return its
+    per-iteration timings from TensorBoard: env steps, wall clock, rollout seconds, and the seconds spent
+    outside the rollout (update, diagnostics, logging); the first iteration (start-up) is dropped."""
     from conftest import scalars
 
     with tempfile.TemporaryDirectory() as d:
@@ -58,13 +61,20 @@ def training_sps(algo: str, env_id: str, extra: list[str], steps: int) -> tuple[
                "--eval-every", "0", "--eval-episodes", "1", "--checkpoint-every", "0", "--runs-dir", d, "--run-name", "b", "--no-progress"]
         subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         tags = scalars(Path(d) / "b")
-        rollout = [v for _, v in tags["charts/rollout_SPS"]][1:] or [tags["charts/rollout_SPS"][0][1]]
-        steps_at = [s for s, _ in tags["charts/SPS"]]
-        # overall SPS excluding the first iteration: steps over the wall clock between iteration ends
-        wall = [v for _, v in tags["charts/wall_clock_s"]]
-        overall = (steps_at[-1] - steps_at[0]) / (wall[-1] - wall[0]) if len(wall) > 1 else tags["charts/SPS"][-1][1]
-        envs_per_task = int(extra[extra.index("--envs-per-task") + 1]) if "--envs-per-task" in extra else None
-        return float(np.mean(rollout)), float(overall), envs_per_task
+    steps_at = np.array([s for s, _ in tags["charts/SPS"]])
+    wall = np.array([v for _, v in tags["charts/wall_clock_s"]])
+    batch = steps_at[0]
+    rollout_s = batch / np.array([v for _, v in tags["charts/rollout_SPS"]])
+    iter_s = np.diff(wall)  # iteration i+1: its rollout, its update, its logging
+    return {"steps": steps_at[1:], "iter_s": iter_s, "rollout_s": rollout_s[1:], "update_s": iter_s - rollout_s[1:], "batch": int(batch)}
+
+
+def training_sps(algo: str, env_id: str, extra: list[str], steps: int) -> tuple[float, float]:
+    """Rollout-phase and overall training steps/s, first iteration excluded."""
+    t = timed_run(algo, env_id, extra, steps)
+    if len(t["iter_s"]) == 0:
+        raise SystemExit(f"error: --steps {steps} gives a single iteration of {algo} on {env_id}; use more steps")
+    return float(t["batch"] / np.mean(t["rollout_s"])), float(t["batch"] * len(t["iter_s"]) / t["iter_s"].sum())
 
 
 def main() -> None:
@@ -76,12 +86,13 @@ def main() -> None:
     for label, algo, env_id, extra in CASES:
         if a.only and a.only not in label:
             continue
-        rollout, overall, ept = training_sps(algo, env_id, extra, a.steps)
-        if ept is None:  # from the config file
+        rollout, overall = training_sps(algo, env_id, extra, a.steps)
+        if "--envs-per-task" in extra:
+            ept = int(extra[extra.index("--envs-per-task") + 1])
+        else:  # from the config file
             import tomllib
 
-            cfg = tomllib.loads((REPO / extra[extra.index("--config") + 1]).read_text())
-            ept = cfg["envs_per_task"]
+            ept = tomllib.loads((REPO / extra[extra.index("--config") + 1]).read_text())["envs_per_task"]
         env_sps = env_only_sps(env_id, ept, a.steps)
         rows.append((label, algo, env_sps, rollout, overall))
         print(f"measured {label} {algo}: env {env_sps:.0f}, rollout {rollout:.0f}, training {overall:.0f}", file=sys.stderr)
