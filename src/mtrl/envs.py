@@ -10,6 +10,7 @@ puts the true final observation in ``info["final_obs"]`` (needed to bootstrap at
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import gymnasium as gym
@@ -24,8 +25,12 @@ SUCCESS_RULES = ("reached_time_limit", "return_threshold", "info_success")
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+    """One task: ``make(seed)`` builds a training env of it; ``make_eval(seed)``, where the benchmark has its
+    own evaluation protocol (Meta-World), builds the evaluation env (see mtrl.evaluation)."""
+
     name: str
-    make: Callable[[], gym.Env]
+    make: Callable[..., gym.Env]
+    make_eval: Callable[..., gym.Env] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,12 +132,49 @@ def _metaworld_task_names() -> list[str]:
     return list(metaworld.ALL_V3_ENVIRONMENTS.keys())
 
 
-def make_metaworld(task_name: str, seed: int) -> gym.Env:
-    """One Meta-World v3 task with V2 reward, 500-step horizon and its 50 training goals (a goal is
-    drawn at every reset). Training episodes end only by truncation."""
+@functools.lru_cache(maxsize=8)
+def metaworld_goals(suite_name: str, names: tuple[str, ...], seed: int) -> dict:
+    """Each task's class and its 50 training goals: MT10's own goal set for ``MT10``, otherwise each task's
+    MT1 goal set (what metaworld's ``make_mt_envs`` and custom-MT registrations use for single tasks)."""
     import metaworld
 
-    return metaworld.make_mt_envs(task_name, seed=seed, max_episode_steps=500, reward_function_version="v2")
+    if suite_name == "MT10":
+        bench = metaworld.MT10(seed=seed)
+        return {n: (bench.train_classes[n], [t for t in bench.train_tasks if t.env_name == n]) for n in names}
+    out = {}
+    for n in names:
+        bench = metaworld.MT1(n, seed=seed)
+        out[n] = (bench.train_classes[n], list(bench.train_tasks))
+    return out
+
+
+def make_metaworld(env_cls, goals, seed: int = 0, evaluation: bool = False) -> gym.Env:
+    """One Meta-World v3 env built as metaworld's own MT registrations build it (``_init_each_env``,
+    metaworld 3.1.1): V2 reward, 500-step TimeLimit, RecordEpisodeStatistics, a goal of the task's 50
+    drawn at every reset. Training: random goal per episode, episodes end only by truncation.
+    Evaluation: the goals in a seeded shuffled cycle (50 episodes = each goal once) and the episode
+    ends at the first success (the official protocol of ``metaworld.evaluation``)."""
+    from metaworld import _init_each_env
+
+    # a copy: the pseudorandom wrapper shuffles its list in place (the goal sets are cached and shared)
+    return _init_each_env(env_cls=env_cls, tasks=list(goals), seed=seed, max_episode_steps=500, reward_function_version="v2",
+                          terminate_on_success=evaluation, task_select="pseudorandom" if evaluation else "random")
+
+
+def _metaworld_tasks(suite_name: str, names: tuple[str, ...], seed: int) -> tuple[Task, ...]:
+    """The goal sets are drawn (seconds for MT10) when the first env is built, not when the id is resolved."""
+
+    def build(name: str, env_seed: int = 0, evaluation: bool = False) -> gym.Env:
+        cls, goals = metaworld_goals(suite_name, names, seed)[name]
+        env = make_metaworld(cls, goals, env_seed, evaluation)
+        return _eval_env(env) if evaluation else env
+
+    return tuple(Task(n, functools.partial(build, n), functools.partial(build, n, evaluation=True)) for n in names)
+
+
+def _eval_env(env: gym.Env) -> gym.Env:
+    env.get_wrapper_attr("toggle_sample_tasks_on_reset")(True)  # the pseudorandom cycle advances at every reset
+    return env
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +185,7 @@ GYM_SINGLE = ("CartPole-v1", "LunarLander-v3")
 
 
 def known_env_ids() -> list[str]:
-    return [*GYM_SINGLE, *TOY_SUITES, *(f"metaworld/{s}" for s in METAWORLD_SUITES), "metaworld/<task>-v3"]
+    return [*GYM_SINGLE, *TOY_SUITES, *(f"metaworld/{s}" for s in (*METAWORLD_SUITES, "MT10")), "metaworld/<task>-v3"]
 
 
 def make_suite(env_id: str, task: str | None = None, seed: int = 0) -> Suite:
@@ -154,11 +196,11 @@ def make_suite(env_id: str, task: str | None = None, seed: int = 0) -> Suite:
         if task is not None:
             raise ValueError(f"--task {task!r} is only for suites; {env_id!r} is a single task")
         rule, thr = ("reached_time_limit", 0.0) if env_id == "CartPole-v1" else ("return_threshold", 200.0)
-        suite = Suite(env_id, (Task(env_id, lambda e=env_id: gym.make(e)),), rule, thr)
+        suite = Suite(env_id, (Task(env_id, lambda s=0, e=env_id: gym.make(e)),), rule, thr)
     elif env_id in TOY_SUITES:
         table = TOY_SUITES[env_id]
         maker = make_cartpole if "CartPole" in env_id else make_lunarlander
-        tasks = tuple(Task(n, lambda p=p: maker(*p)) for n, p in table.items())
+        tasks = tuple(Task(n, lambda s=0, p=p: maker(*p)) for n, p in table.items())
         rule, thr = ("reached_time_limit", 0.0) if "CartPole" in env_id else ("return_threshold", 200.0)
         suite = Suite(env_id, tasks, rule, thr)
     elif env_id.startswith("metaworld/"):
@@ -166,9 +208,9 @@ def make_suite(env_id: str, task: str | None = None, seed: int = 0) -> Suite:
         if name in METAWORLD_SUITES:
             names = METAWORLD_SUITES[name]
         elif name == "MT10":
-            import metaworld
+            from metaworld.env_dict import MT10_V3
 
-            names = tuple(metaworld.MT10().train_classes.keys())
+            names = tuple(MT10_V3.keys())
         elif name in _metaworld_task_names():
             if task is not None:
                 raise ValueError(f"--task {task!r} is only for suites; {env_id!r} is a single task")
@@ -178,8 +220,7 @@ def make_suite(env_id: str, task: str | None = None, seed: int = 0) -> Suite:
                 f"unknown Meta-World id {env_id!r}: use metaworld/MT3, metaworld/MT10 or metaworld/<task>-v3 "
                 f"with <task>-v3 one of {', '.join(_metaworld_task_names())}"
             )
-        tasks = tuple(Task(n, lambda n=n, i=i: make_metaworld(n, seed + 1000 * i)) for i, n in enumerate(names))
-        suite = Suite(env_id, tasks, "info_success")
+        suite = Suite(env_id, _metaworld_tasks(name, names, seed), "info_success")
     else:
         raise ValueError(f"unknown env id {env_id!r}; allowed: {', '.join(known_env_ids())}")
 
@@ -191,10 +232,11 @@ def make_suite(env_id: str, task: str | None = None, seed: int = 0) -> Suite:
 
 
 def make_vector_env(suite: Suite, envs_per_task: int, seed: int, vector_mode: str = "sync"):
-    """``envs_per_task`` copies of every task, task-major: env ``i`` runs task ``i // envs_per_task``.
+    """``envs_per_task`` copies of every task, task-major: env ``i`` runs task ``i // envs_per_task`` and is
+    built with seed ``seed + i`` (callers reset them with the same seeds).
 
-    Returns ``(envs, task_ids)``. The envs are reset with seeds ``seed, seed+1, ...``."""
-    fns = [t.make for t in suite.tasks for _ in range(envs_per_task)]
+    Returns ``(envs, task_ids)``."""
+    fns = [functools.partial(t.make, seed + k * envs_per_task + j) for k, t in enumerate(suite.tasks) for j in range(envs_per_task)]
     cls = {"sync": SyncVectorEnv, "async": AsyncVectorEnv}[vector_mode]
     envs = cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
     task_ids = np.repeat(np.arange(suite.num_tasks), envs_per_task)
