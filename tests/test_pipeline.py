@@ -125,3 +125,12 @@ def test_launcher_slurm_array_and_bad_input(tmp_path):
     assert [j["name"] for j in jobs] == ["embed__s3", "embed__s5"]
     bad = subprocess.run([*LAUNCH, "--config", str(cfg), "--methods", "nope"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode != 0 and "nope" in bad.stderr and "embed" in bad.stderr
+
+
+def test_param_table_prints_every_preset_of_every_config():
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "param_table.py"), "configs/toy_cartpole_mt10.toml"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"single", "mtl_embed", "varshare", "l2soft", "pcgrad", "paco", "softmod"} <= set(rows)
+    assert "| 45x45 | 9,273 |" in rows["l2soft"] and "| 36x36 |" in rows["varshare"]  # preset flags and the method table both apply
