@@ -185,3 +185,25 @@ def test_tiny_run_each_mode_exact_ratio_and_diagnostics(runs_dir, mode):
     assert config["derived"]["noise_mode"] == ("mean" if mode[-1] == "l2" else mode[-1])
     # the KL starts at 0 and grows once the residuals learn
     assert tags["losses/residual_penalty"][-1][1] > 0
+
+
+def test_eval_weight_samples_logs_sampled_evaluations_and_is_refused_without_noise(runs_dir):
+    from conftest import only_run, run_algo, scalars
+
+    run_algo("ppo_varshare", "--runs-dir", str(runs_dir), *TINY, "--eval-weight-samples", "2")
+    tags = scalars(only_run(runs_dir))
+    assert len(tags["eval_sampled/success_rate"]) == 2 and "eval_sampled/return/reversed-push" in tags
+    bad = run_algo("ppo_varshare", "--runs-dir", str(runs_dir / "x"), "--noise", "mean", "--eval-weight-samples", "2", check=False)
+    assert bad.returncode == 2 and "--eval-weight-samples 2" in bad.stderr
+
+
+def test_sampled_weights_with_vanishing_sigma_act_like_the_posterior_mean():
+    agent, _ = make_agent(noise="rollout", sigma_init_ratio=1e-6)
+    randomise_residuals(agent, scale=3.0)
+    with torch.no_grad():
+        for _, layer in agent.named_varshare_layers():
+            layer.rho.fill_(vs.inverse_softplus(1e-9))
+    x, tasks = torch.randn(4, 6, 5), torch.tensor([0, 1, 2, 3])
+    sampled = agent.get_action_and_value(x, tasks, agent.sample_weight_noise(4), deterministic=True)[0]
+    mean = agent.get_action_and_value(x, tasks, deterministic=True)[0]
+    assert torch.equal(sampled, mean)

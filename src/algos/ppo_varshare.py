@@ -132,6 +132,8 @@ class Args:
     """warm beta up linearly over this fraction of training (0: off)"""
     l2_coef: Optional[float] = None
     """L2Soft strength lambda for every layer; default None = matched to VarShare, lambda_l = beta / (2 sigma0_l^2)"""
+    eval_weight_samples: int = 0
+    """also evaluate K sampled weight draws theta + mu_t + sigma_t * eps (one draw per task per evaluation pass; rollout noise only)"""
 
 
 def validate(args: Args) -> None:
@@ -143,6 +145,8 @@ def validate(args: Args) -> None:
         raise mtrun.ArgError(f"--kl-coef and --l2-coef must be >= 0, got {args.kl_coef} and {args.l2_coef}")
     if not 0.0 <= args.kl_warmup_frac <= 1.0:
         raise mtrun.ArgError(f"--kl-warmup-frac must be in [0, 1], got {args.kl_warmup_frac}")
+    if args.eval_weight_samples < 0 or (args.eval_weight_samples > 0 and (args.residual != "variational" or args.noise != "rollout")):
+        raise mtrun.ArgError(f"--eval-weight-samples {args.eval_weight_samples}: must be >= 0, and > 0 only with --residual variational --noise rollout")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +413,13 @@ def main(args: Args) -> None:
         agent.eval()
         results = evaluator.run(lambda x, t: agent.get_action_and_value(x, t, deterministic=True)[0], obs_norm)
         theta_results = evaluator.run(lambda x, t: agent.get_action_and_value(x, t, deterministic=True, use_residual=False)[0], obs_norm)
+        sampled = []
+        for _ in range(args.eval_weight_samples):  # sampled weights, one draw per task, deterministic actions
+            eval_eps = agent.sample_weight_noise(num_tasks)
+            sampled.append(evaluator.run(lambda x, t: agent.get_action_and_value(x, t, eval_eps, deterministic=True)[0], obs_norm))
+        if sampled:
+            run.log_eval(step, {k: {m: float(np.mean([r[k][m] for r in sampled])) for m in ("success", "return")} for k in suite.task_names},
+                         prefix="eval_sampled")
         agent.train()
         run.log_eval(step, theta_results, prefix="eval_theta")
         spec = {k: specialisation(results[k]["success"], theta_results[k]["success"]) for k in suite.task_names}
