@@ -6,6 +6,7 @@ overall steps/s are read from its TensorBoard scalars (first iteration excluded:
 
     python scripts/bench_throughput.py            # CartPole-v1 and metaworld/reach-v3, ppo_single
     python scripts/bench_throughput.py --steps 20000
+    python scripts/bench_throughput.py --mt10 --steps 30720   # MT10: env-only sync/async and every method
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ CASES = [
 ]
 
 
-def env_only_sps(env_id: str, envs_per_task: int, steps: int, seed: int = 0) -> float:
+def env_only_sps(env_id: str, envs_per_task: int, steps: int, seed: int = 0, vector_mode: str = "sync") -> float:
     suite = make_suite(env_id, None, seed)
-    envs, _ = make_vector_env(suite, envs_per_task, seed)
+    envs, _ = make_vector_env(suite, envs_per_task, seed, vector_mode)
     envs.reset(seed=seed)
     n_iter = max(1, steps // envs.num_envs)
     actions = [envs.action_space.sample() for _ in range(n_iter)]
@@ -77,30 +78,50 @@ def training_sps(algo: str, env_id: str, extra: list[str], steps: int) -> tuple[
     return float(t["batch"] / np.mean(t["rollout_s"])), float(t["batch"] * len(t["iter_s"]) / t["iter_s"].sum())
 
 
+# MT10: every method on configs/metaworld_mt10.toml with its matched width, shortened rollouts (1,024 steps per
+# env) and 4 minibatches, so a minibatch (2,560 samples) and the gradient steps per sample (16 epochs) stay
+# close to the config's (3,120 samples, 16 epochs x 32 minibatches of a 99,840-step batch).
+MT10_SHORT = ["--config", "configs/metaworld_mt10.toml", "--num-steps", "1024", "--num-minibatches", "4"]
+MT10_CASES = [(label, algo, "metaworld/MT10", [*MT10_SHORT, *flags]) for label, algo, flags in [
+    ("mtl_embed", "ppo_mtl_embed", []), ("varshare", "ppo_varshare", []), ("l2soft", "ppo_varshare", ["--residual", "l2", "--hidden-sizes", "176", "176"]),
+    ("pcgrad", "ppo_pcgrad", []), ("paco", "ppo_paco", []), ("softmod", "ppo_softmod", [])]]
+
+
+def envs_per_task(extra: list[str]) -> int:
+    if "--envs-per-task" in extra:
+        return int(extra[extra.index("--envs-per-task") + 1])
+    import tomllib
+
+    return tomllib.loads((REPO / extra[extra.index("--config") + 1]).read_text())["envs_per_task"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30_000, help="environment steps per measurement")
     p.add_argument("--only", default=None, help="run only cases whose label contains this")
+    p.add_argument("--mt10", action="store_true", help="MT10: env-only sync and async, and every method (use --steps >= 30720)")
     a = p.parse_args()
     rows = []
-    for label, algo, env_id, extra in CASES:
+    cases = MT10_CASES if a.mt10 else CASES
+    env_rows = {}
+    if a.mt10:
+        for mode in ("sync", "async"):
+            env_rows[mode] = env_only_sps("metaworld/MT10", 1, a.steps, vector_mode=mode)
+            print(f"measured MT10 env-only {mode}: {env_rows[mode]:.0f}", file=sys.stderr)
+    for label, algo, env_id, extra in cases:
         if a.only and a.only not in label:
             continue
         rollout, overall = training_sps(algo, env_id, extra, a.steps)
-        if "--envs-per-task" in extra:
-            ept = int(extra[extra.index("--envs-per-task") + 1])
-        else:  # from the config file
-            import tomllib
-
-            ept = tomllib.loads((REPO / extra[extra.index("--config") + 1]).read_text())["envs_per_task"]
-        env_sps = env_only_sps(env_id, ept, a.steps)
-        rows.append((label, algo, env_sps, rollout, overall))
+        env_sps = env_rows["sync"] if a.mt10 else env_only_sps(env_id, envs_per_task(extra), a.steps)
+        rows.append((env_id, algo if not a.mt10 else label, env_sps, rollout, overall))
         print(f"measured {label} {algo}: env {env_sps:.0f}, rollout {rollout:.0f}, training {overall:.0f}", file=sys.stderr)
-    print(f"\nsteps per measurement: {a.steps}; torch threads 1; {os.cpu_count()} CPUs\n")
-    print("| env | algo | env-only SPS | rollout SPS | training SPS | rollout / env | training / env |")
+    print(f"\nsteps per measurement: {a.steps}; torch threads 1; {os.cpu_count()} CPUs; sync vector env\n")
+    if env_rows:
+        print(f"MT10 env-only (random actions, one env per task): sync {env_rows['sync']:,.0f} SPS, async {env_rows['async']:,.0f} SPS\n")
+    print("| env | method | env-only SPS | rollout SPS | training SPS | rollout / env | training / env |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for label, algo, env_sps, rollout, overall in rows:
-        print(f"| {label} | {algo} | {env_sps:,.0f} | {rollout:,.0f} | {overall:,.0f} | {rollout / env_sps:.2f} | {overall / env_sps:.2f} |")
+    for env_id, label, env_sps, rollout, overall in rows:
+        print(f"| {env_id} | {label} | {env_sps:,.0f} | {rollout:,.0f} | {overall:,.0f} | {rollout / env_sps:.2f} | {overall / env_sps:.2f} |")
 
 
 if __name__ == "__main__":

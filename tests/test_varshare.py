@@ -207,3 +207,11 @@ def test_sampled_weights_with_vanishing_sigma_act_like_the_posterior_mean():
     sampled = agent.get_action_and_value(x, tasks, agent.sample_weight_noise(4), deterministic=True)[0]
     mean = agent.get_action_and_value(x, tasks, deterministic=True)[0]
     assert torch.equal(sampled, mean)
+
+
+def test_l2_coef_needs_the_l2_residual(runs_dir):
+    from conftest import run_algo
+
+    bad = run_algo("ppo_varshare", "--runs-dir", str(runs_dir), "--l2-coef", "0.5", check=False)
+    assert bad.returncode == 2 and "--l2-coef 0.5" in bad.stderr and "--residual l2" in bad.stderr
+    assert list(runs_dir.iterdir()) == []

@@ -145,6 +145,8 @@ def validate(args: Args) -> None:
         raise mtrun.ArgError(f"--kl-coef and --l2-coef must be >= 0, got {args.kl_coef} and {args.l2_coef}")
     if not 0.0 <= args.kl_warmup_frac <= 1.0:
         raise mtrun.ArgError(f"--kl-warmup-frac must be in [0, 1], got {args.kl_warmup_frac}")
+    if args.l2_coef is not None and args.residual != "l2":
+        raise mtrun.ArgError(f"--l2-coef {args.l2_coef} is the L2Soft strength: use it with --residual l2 (got --residual {args.residual})")
     if args.eval_weight_samples < 0 or (args.eval_weight_samples > 0 and (args.residual != "variational" or args.noise != "rollout")):
         raise mtrun.ArgError(f"--eval-weight-samples {args.eval_weight_samples}: must be >= 0, and > 0 only with --residual variational --noise rollout")
 
@@ -224,9 +226,10 @@ class Agent(nn.Module):
     def named_varshare_layers(self):
         return [(f"{net}.{i}", layer) for net in ["actor", "critic"] for i, layer in enumerate(getattr(self, net))]
 
-    def sample_weight_noise(self, num_groups: int) -> list[torch.Tensor]:
+    def sample_weight_noise(self, num_groups: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Rollout mode: a standard-normal tensor of every residual's shape for each group (env)."""
-        return [torch.randn(num_groups, l.out_features, l.in_features, device=l.theta.device) for _, l in self.named_varshare_layers()]
+        return [torch.randn(num_groups, l.out_features, l.in_features, device=l.theta.device, generator=generator)
+                for _, l in self.named_varshare_layers()]
 
     def sample_preact_noise(self, num_groups: int, num_samples: int) -> torch.Tensor:
         """Step mode: one standard-normal draw per sample and pre-activation of every layer, (G, M, preact_dim)."""
@@ -414,8 +417,9 @@ def main(args: Args) -> None:
         results = evaluator.run(lambda x, t: agent.get_action_and_value(x, t, deterministic=True)[0], obs_norm)
         theta_results = evaluator.run(lambda x, t: agent.get_action_and_value(x, t, deterministic=True, use_residual=False)[0], obs_norm)
         sampled = []
+        eval_rng = torch.Generator(device).manual_seed(args.seed + step)  # its own RNG: training draws stay as without it
         for _ in range(args.eval_weight_samples):  # sampled weights, one draw per task, deterministic actions
-            eval_eps = agent.sample_weight_noise(num_tasks)
+            eval_eps = agent.sample_weight_noise(num_tasks, eval_rng)
             sampled.append(evaluator.run(lambda x, t: agent.get_action_and_value(x, t, eval_eps, deterministic=True)[0], obs_norm))
         if sampled:
             run.log_eval(step, {k: {m: float(np.mean([r[k][m] for r in sampled])) for m in ("success", "return")} for k in suite.task_names},
@@ -569,7 +573,7 @@ def main(args: Args) -> None:
     run.finish({"total_steps": global_step, "final_success": last_eval["success"], "final_return": last_eval["return"],
                 "mean_success": last_eval["mean_success"], "mean_return": last_eval["mean_return"], "params": params,
                 "final_theta_success": last_eval.get("theta_success"), "final_specialisation": last_eval.get("specialisation"),
-                "residual_cosine": residual_cosine(agent), "final_kl": {k: v for k, v in varshare_diagnostics(agent, suite.task_names, 1.0, 1).items() if "kl_" in k},
+                "residual_cosine": residual_cosine(agent), "final_kl": {k: v for k, v in varshare_diagnostics(agent, suite.task_names, 1.0, 1).items() if "kl_mean" in k or "kl_var" in k},
                 "wall_clock_s": time.time() - run.start_time, "mean_SPS": (global_step - start_step) / max(time.time() - start_time, 1e-9)})
     envs.close()
     evaluator.close()
