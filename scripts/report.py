@@ -9,7 +9,8 @@ name. Oracle runs of one seed (one run per task) are assembled into one multi-ta
 Scores are final per-task success rates (the run's last evaluation, ``summary.json``).
 
 Writes ``report.md`` (per benchmark: mean and IQM of success over runs x tasks with 95% stratified
-bootstrap CIs, probability of improvement of the reference method over each other, a per-task table of
+bootstrap CIs, sample efficiency (success averaged over all evaluations, and the median step at which
+a run's mean success first reaches 0.9), probability of improvement of the reference method over each other, a per-task table of
 mean +- std over seeds, parameter counts, wall clock and SPS), ``curves_<benchmark>.png`` (IQM success
 vs total environment steps with a 95% CI band) and ``profiles_<benchmark>.png`` (performance profiles).
 """
@@ -23,8 +24,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 
+warnings.filterwarnings("ignore", category=FutureWarning, module="arch")  # rliable passes a RandomState to arch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from mtrl.envs import make_suite  # noqa: E402
@@ -83,6 +87,17 @@ def score_table(runs: list[dict]) -> tuple[dict, dict, dict]:
     return scores, curves, members
 
 
+def sample_efficiency(steps: list[int], curve: np.ndarray, threshold: float = 0.9) -> tuple[float, str]:
+    """Mean success over all evaluations (area under the success curve, normalised), and the median over runs
+    of the first evaluation step at which the run's mean success over tasks reaches ``threshold`` ("-" if
+    fewer than half of the runs reach it)."""
+    per_run = curve.mean(1)  # (runs, evals)
+    firsts = [next((steps[j] for j in range(len(steps)) if r[j] >= threshold), None) for r in per_run]
+    reached = sorted(f for f in firsts if f is not None)
+    median = f"{int(np.median(firsts)):,}" if len(reached) == len(firsts) else (f"{reached[len(firsts) // 2]:,}" if len(reached) > len(firsts) // 2 else "-")
+    return float(per_run.mean()), median
+
+
 def interval_estimates(score_dict: dict, reps: int, seed: int = 0):
     from rliable import library as rly
     from rliable import metrics
@@ -112,17 +127,18 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
         keys = sorted((k for k in scores if k[0] == env_id), key=lambda k: k[1])
         score_dict = {k[1]: scores[k][1] for k in keys}
         point, ci = interval_estimates(score_dict, reps)
-        lines += [f"## {env_id}", "", "| method | runs | mean success | IQM success | active params | inference | total | wall clock (min) | SPS |",
-                  "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"## {env_id}", "", "| method | runs | mean success | IQM success | success AUC | steps to 0.9 | active params | inference | total | wall clock (min) | SPS |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k in keys:
             label = k[1]
             ms = members[k]
             p = ms[0]["summary"]["params"]
             wall = np.mean([m["summary"]["wall_clock_s"] for m in ms]) / 60
             sps = np.mean([m["summary"]["mean_SPS"] for m in ms])
+            auc, to_threshold = sample_efficiency(*curves[k])
             lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | "
-                         f"{fmt_ci(point[label][1], ci[label][:, 1])} | {p['active_per_task']:,} | {p['inference']:,} | {p['total']:,} | "
-                         f"{wall:.1f} | {sps:,.0f} |")
+                         f"{fmt_ci(point[label][1], ci[label][:, 1])} | {auc:.3f} | {to_threshold} | {p['active_per_task']:,} | {p['inference']:,} | "
+                         f"{p['total']:,} | {wall:.1f} | {sps:,.0f} |")
         task_names = scores[keys[0]][0]
         lines += ["", "Per-task success, mean +- std over seeds:", "", "| method | " + " | ".join(task_names) + " |",
                   "|---|" + "---:|" * len(task_names)]

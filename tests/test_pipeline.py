@@ -57,11 +57,12 @@ def test_config_widths_are_the_matched_ones():
             assert abs(active - target) <= 0.05 * target, (cfg.name, label, active, target)
 
 
-def test_summary_params_equal_the_helper(runs_dir):
-    run_algo("ppo_varshare", "--runs-dir", str(runs_dir), "--total-timesteps", "1280", "--envs-per-task", "1", "--num-steps", "128",
+@pytest.mark.parametrize("algo", ["ppo_mtl_embed", "ppo_varshare", "ppo_pcgrad", "ppo_paco", "ppo_softmod"])
+def test_summary_params_equal_the_helper(runs_dir, algo):
+    run_algo(algo, "--runs-dir", str(runs_dir), "--total-timesteps", "1280", "--envs-per-task", "1", "--num-steps", "128",
              "--num-minibatches", "2", "--eval-episodes", "1", "--hidden-sizes", "20", "12")
     summary = json.loads((only_run(runs_dir) / "summary.json").read_text())
-    assert summary["params"] == count_params("ppo_varshare", make_args("ppo_varshare", None, hidden_sizes=(20, 12)))
+    assert summary["params"] == count_params(algo, make_args(algo, None, hidden_sizes=(20, 12)))
 
 
 TINY = ["--total-timesteps", "1280", "--envs-per-task", "1", "--num-steps", "128", "--num-minibatches", "2", "--eval-episodes", "1",
