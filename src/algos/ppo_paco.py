@@ -409,7 +409,7 @@ def main(args: Args) -> None:
                 final_values_buf[idx, step] = final_values[:, 0].cpu().numpy()
             episodes.add(tracker.step(reward, terminations, truncations, infos))
             global_step += num_envs
-            progress.update(global_step, (global_step - start_step) / (time.time() - start_time), episodes.summary_line())
+            progress.update(global_step, (global_step - start_step) / (time.time() - start_time), episodes.summary_line)
         if run.stop_signal is not None:  # the partial rollout is dropped; the checkpoint holds the iteration start
             run.save_checkpoint(checkpoint_state(iteration_start_step, iteration))
             run.close()

@@ -241,11 +241,14 @@ class Progress:
         self.interval = 0.25 if self.tty else interval
         self.last = 0.0
 
-    def update(self, step: int, sps: float, extra: str = "", force: bool = False) -> None:
+    def update(self, step: int, sps: float, extra="", force: bool = False) -> None:
+        """``extra``: a string, or a callable returning one (called only when a line is printed: this runs
+        every environment step)."""
         now = time.time()
         if not self.enabled or (not force and now - self.last < self.interval):
             return
         self.last = now
+        extra = extra() if callable(extra) else extra
         line = f"{step:>10,}/{self.total:,} steps ({100 * step / self.total:5.1f}%) | {sps:7.0f} SPS | {extra}"
         if self.tty:
             print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
