@@ -19,7 +19,6 @@ import gymnasium as gym
 from mtrl.envs import make_suite
 
 ALGOS = ("ppo_single", "ppo_mtl_embed", "ppo_varshare", "ppo_pcgrad", "ppo_paco", "ppo_softmod")
-REFERENCE_ALGO = "ppo_mtl_embed"
 _ALGO_DIR = Path(__file__).resolve().parents[1] / "algos"
 
 
