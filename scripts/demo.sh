@@ -1,7 +1,20 @@
 #!/usr/bin/env bash
-# The main job on a small default: PPO on CartPole-v1 (50k steps, about 15 s), then where things are.
+# The main command: a small comparison on toy/CartPole-MT10, then the report, then where things are.
+# Every multi-task method (mtl_embed, varshare, pcgrad, paco, softmod) and the single-task oracle,
+# 2 seeds, 1.5M environment steps per multi-task run (the oracle: 153,600 per task), 2 runs at a time;
+# about 15 minutes on 2 cores. Running it again skips finished runs and resumes interrupted ones.
+# Environment: RUNS_DIR, REPORT_DIR, DEMO_JOBS (runs at a time), DEMO_SEEDS, DEMO_TIMESTEPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS_DIR:-runs}
-.venv/bin/python src/algos/ppo_single.py --config configs/cartpole.toml --total-timesteps 50000 --runs-dir "$RUNS" --no-progress
-echo "runs are in $RUNS/ ; open the curves with: .venv/bin/tensorboard --logdir $RUNS"
+RUNS=${RUNS_DIR:-runs/toy_cartpole_mt10_demo}
+REPORT=${REPORT_DIR:-reports/toy_cartpole_mt10_demo}
+start=$(date +%s)
+bash scripts/sweep.sh --config configs/toy_cartpole_mt10.toml --methods single,mtl_embed,varshare,pcgrad,paco,softmod \
+  --seeds "${DEMO_SEEDS:-1-2}" --total-timesteps "${DEMO_TIMESTEPS:-1536000}" -j "${DEMO_JOBS:-2}" --runs-dir "$RUNS"
+.venv/bin/python scripts/report.py --runs-dir "$RUNS" --out "$REPORT" >/dev/null
+echo
+echo "demo finished in $(( $(date +%s) - start )) s"
+echo "report:      $REPORT/report.md (tables; the same numbers in $REPORT/summary.csv and per_task.csv)"
+echo "figures:     $(cd "$REPORT" && ls *.png | sed "s|^|$REPORT/|" | tr '\n' ' ')"
+echo "runs:        $RUNS/<method>__s<seed>/ (config.json, eval.jsonl, summary.json, checkpoints; logs in $RUNS/logs)"
+echo "TensorBoard: .venv/bin/tensorboard --logdir $RUNS"

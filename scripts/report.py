@@ -8,16 +8,22 @@ Runs are grouped by benchmark and method label. The label is the launcher's run-
 name. Oracle runs of one seed (one run per task) are assembled into one multi-task score vector.
 Scores are final per-task success rates (the run's last evaluation, ``summary.json``).
 
+Run folders without ``summary.json`` and runs missing from a grid (a seed another method has; an
+oracle seed without every task) are listed in the report and on stderr, never silently dropped.
+
 Writes ``report.md`` (per benchmark: mean and IQM of success over runs x tasks with 95% stratified
 bootstrap CIs, sample efficiency (success averaged over all evaluations, and the median step at which
 a run's mean success first reaches 0.9), probability of improvement of the reference method over each other, a per-task table of
 mean +- std over seeds, parameter counts, wall clock and SPS), ``curves_<benchmark>.png`` (IQM success
-vs total environment steps with a 95% CI band) and ``profiles_<benchmark>.png`` (performance profiles).
+vs total environment steps with a 95% CI band), ``profiles_<benchmark>.png`` (performance profiles),
+``varshare_<benchmark>_<label>.png`` (KL and residual size per task over training, for VarShare runs),
+and ``summary.csv`` / ``per_task.csv`` with the numbers of the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -36,30 +42,42 @@ from mtrl.envs import make_suite  # noqa: E402
 NAME = re.compile(r"^(?P<label>[^_].*?)(__(?P<task>.+))?__s(?P<seed>\d+)$")
 
 
-def load_runs(runs_dirs: list[Path]) -> list[dict]:
-    runs = []
+def load_runs(runs_dirs: list[Path]) -> tuple[list[dict], list[str]]:
+    """Finished runs (``summary.json`` present), and a line for every run folder that is not finished."""
+    runs, unfinished = [], []
     for d in runs_dirs:
         for cfg in sorted(Path(d).glob("*/config.json")):
             run_dir = cfg.parent
-            summary = run_dir / "summary.json"
-            if not summary.is_file():
+            ev = run_dir / "eval.jsonl"
+            evals = [json.loads(line) for line in ev.read_text().splitlines() if line] if ev.is_file() else []
+            if not (run_dir / "summary.json").is_file():
+                last = f"last evaluation at step {evals[-1]['global_step']:,}" if evals else "no evaluation yet"
+                unfinished.append(f"{run_dir}: not finished (no summary.json; {last})")
                 continue
-            config, s = json.loads(cfg.read_text()), json.loads(summary.read_text())
+            config, s = json.loads(cfg.read_text()), json.loads((run_dir / "summary.json").read_text())
             m = NAME.match(run_dir.name)
             label = m["label"] if m else config["algo"]
-            evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line]
             runs.append({"dir": run_dir, "config": config, "summary": s, "label": label, "seed": config["args"]["seed"],
                          "task": config["args"].get("task"), "env_id": config["args"]["env_id"], "evals": evals})
-    return runs
+    return runs, unfinished
 
 
-def score_table(runs: list[dict]) -> tuple[dict, dict, dict]:
+def score_table(runs: list[dict]) -> tuple[dict, dict, dict, list[str]]:
     """Per (benchmark, label): final success (runs, tasks), curves (runs, tasks, evals) with their env steps,
-    and the runs themselves. Oracle runs of a seed are merged; seeds missing a task are left out."""
+    the runs themselves, and the missing runs. Oracle runs of a seed are merged; a seed missing a task is
+    left out of the scores and reported. A method missing a seed that another method of the benchmark has
+    is reported too."""
     groups = defaultdict(list)
     for r in runs:
         groups[(r["env_id"], r["label"])].append(r)
-    scores, curves, members = {}, {}, {}
+    seeds_of_benchmark = defaultdict(set)
+    for r in runs:
+        seeds_of_benchmark[r["env_id"]].add(r["seed"])
+    scores, curves, members, missing = {}, {}, {}, []
+    for key, rs in groups.items():
+        absent = sorted(seeds_of_benchmark[key[0]] - {r["seed"] for r in rs})
+        if absent:
+            missing.append(f"{key[0]} {key[1]}: no finished run for seed(s) {', '.join(map(str, absent))} (other methods have them)")
     for key, rs in groups.items():
         if rs[0]["task"] is not None:  # single-task oracle: one run per task and seed
             task_names = make_suite(key[0]).task_names
@@ -67,6 +85,10 @@ def score_table(runs: list[dict]) -> tuple[dict, dict, dict]:
             for r in rs:
                 by_seed[r["seed"]][r["task"]] = r
             seeds = sorted(s for s, d in by_seed.items() if set(d) == set(task_names))
+            for s_, d in sorted(by_seed.items()):
+                if set(d) != set(task_names):
+                    missing.append(f"{key[0]} {key[1]} seed {s_}: oracle incomplete, no finished run for task(s) "
+                                   f"{', '.join(t for t in task_names if t not in d)}; the seed is left out")
             if not seeds:
                 continue
             final = np.array([[by_seed[s][t]["summary"]["final_success"][t] for t in task_names] for s in seeds])
@@ -84,7 +106,7 @@ def score_table(runs: list[dict]) -> tuple[dict, dict, dict]:
             members[key] = rs
         scores[key] = (task_names, final)
         curves[key] = (steps, curve)
-    return scores, curves, members
+    return scores, curves, members, missing
 
 
 def sample_efficiency(steps: list[int], curve: np.ndarray, threshold: float = 0.9) -> tuple[float, str]:
@@ -115,14 +137,19 @@ def fmt_ci(point, ci) -> str:
 def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000) -> str:
     from rliable import metrics
 
-    runs = load_runs(runs_dirs)
+    runs, unfinished = load_runs(runs_dirs)
     if not runs:
         raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, runs_dirs))}")
-    scores, curves, members = score_table(runs)
+    scores, curves, members, missing = score_table(runs)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Report: {', '.join(map(str, runs_dirs))}", "",
              "Final success rate per task (last evaluation). Mean and IQM over runs x tasks, 95% stratified bootstrap "
-             f"CIs ({reps} reps, rliable).", ""]
+             f"CIs ({reps} reps, rliable). Parameters: active per task, inference (one task's deployed network), total stored.", ""]
+    if unfinished or missing:
+        for warning in unfinished + missing:
+            print(f"warning: {warning}", file=sys.stderr)
+        lines += ["## Missing or unfinished runs (not in the numbers below)", "", *[f"- {w}" for w in unfinished + missing], ""]
+    summary_rows, task_rows = [], []
     for env_id in sorted({k[0] for k in scores}):
         keys = sorted((k for k in scores if k[0] == env_id), key=lambda k: k[1])
         score_dict = {k[1]: scores[k][1] for k in keys}
@@ -139,6 +166,11 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
             lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | "
                          f"{fmt_ci(point[label][1], ci[label][:, 1])} | {auc:.3f} | {to_threshold} | {p['active_per_task']:,} | {p['inference']:,} | "
                          f"{p['total']:,} | {wall:.1f} | {sps:,.0f} |")
+            summary_rows.append({"benchmark": env_id, "method": label, "runs": len(score_dict[label]),
+                                 "mean": point[label][0], "mean_ci_low": ci[label][0, 0], "mean_ci_high": ci[label][1, 0],
+                                 "iqm": point[label][1], "iqm_ci_low": ci[label][0, 1], "iqm_ci_high": ci[label][1, 1],
+                                 "success_auc": auc, "steps_to_0.9": to_threshold.replace(",", ""), "active_params": p["active_per_task"],
+                                 "inference_params": p["inference"], "total_params": p["total"], "wall_clock_min": wall, "sps": sps})
         task_names = scores[keys[0]][0]
         lines += ["", "Per-task success, mean +- std over seeds:", "", "| method | " + " | ".join(task_names) + " |",
                   "|---|" + "---:|" * len(task_names)]
@@ -146,6 +178,7 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
             names, final = scores[k]
             col = {t: final[:, i] for i, t in enumerate(names)}
             lines.append(f"| {k[1]} | " + " | ".join(f"{col[t].mean():.2f} +- {col[t].std():.2f}" if t in col else "-" for t in task_names) + " |")
+            task_rows += [{"benchmark": env_id, "method": k[1], "task": t, "seeds": len(col[t]), "mean": col[t].mean(), "std": col[t].std()} for t in names]
         if reference in score_dict:
             lines += ["", f"Probability of improvement of {reference} over each method (per-task success, Mann-Whitney; "
                           "0.5 = no difference):", ""]
@@ -156,9 +189,49 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
         plot_benchmark(env_id, {k[1]: curves[k] for k in keys}, score_dict, out, reps)
         stem = env_id.replace("/", "-")
         lines += [f"![curves](curves_{stem}.png) ![profiles](profiles_{stem}.png)", ""]
+        for k in keys:
+            if plot_varshare(env_id, k[1], members[k], out):
+                lines += [f"VarShare diagnostics of {k[1]} (per task, mean over seeds): KL(q_t || p) and ||mu_t|| / ||theta||.", "",
+                          f"![{k[1]} diagnostics](varshare_{stem}_{k[1]}.png)", ""]
+    write_csv(out / "summary.csv", summary_rows)
+    write_csv(out / "per_task.csv", task_rows)
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+
+
+def plot_varshare(env_id: str, label: str, runs: list[dict], out: Path) -> bool:
+    """KL and relative residual size per task over training, from the ``kl`` / ``rel_residual`` fields that
+    ppo_varshare writes in eval.jsonl (mean over seeds). False if the runs have none (not VarShare)."""
+    if not all(r["evals"] and "kl" in r["evals"][0] for r in runs):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(len(r["evals"]) for r in runs)
+    steps = [e["global_step"] for e in runs[0]["evals"][:n]]
+    tasks = list(runs[0]["evals"][0]["kl"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, field, ylabel in ((axes[0], "kl", "KL(q_t || p) (nats)"), (axes[1], "rel_residual", "||mu_t|| / ||theta|| (mean over layers)")):
+        for t in tasks:
+            ax.plot(steps, np.mean([[e[field][t] for e in r["evals"][:n]] for r in runs], 0), label=t)
+        ax.set(xlabel="environment steps (all tasks)", ylabel=ylabel)
+    axes[0].set_title(f"{env_id} {label}: KL per task")
+    axes[1].set_title("residual size per task")
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / f"varshare_{env_id.replace('/', '-')}_{label}.png", dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_benchmark(env_id: str, curves: dict, score_dict: dict, out: Path, reps: int) -> None:

@@ -177,7 +177,12 @@ def test_tiny_run_each_mode_exact_ratio_and_diagnostics(runs_dir, mode):
     if mode[-1] != "l2":
         assert "varshare/sigma_ratio_median/actor.2" in tags and "varshare/frac_confident/standard" in tags
     evals = read_jsonl(run_dir / "eval.jsonl")
-    assert {"theta_success", "specialisation", "policy_kl"} <= set(evals[-1])
+    assert {"theta_success", "specialisation", "policy_kl", "kl", "rel_residual"} <= set(evals[-1])
+    # the report's diagnostics in eval.jsonl equal the TensorBoard values of the last iteration (same weights)
+    for t in ("standard", "reversed-push"):
+        kl_tb = tags["varshare/kl_mean_part/" + t][-1][1] + tags["varshare/kl_var_part/" + t][-1][1]
+        assert evals[-1]["kl"][t] == pytest.approx(kl_tb, rel=1e-4, abs=1e-6)
+        assert evals[-1]["rel_residual"][t] == pytest.approx(tags["varshare/rel_residual/" + t][-1][1], rel=1e-4, abs=1e-7)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["residual_cosine"]) == 10 and abs(summary["residual_cosine"][3][3] - 1) < 1e-5
     config = json.loads((run_dir / "config.json").read_text())

@@ -429,8 +429,11 @@ def main(args: Args) -> None:
         spec = {k: specialisation(results[k]["success"], theta_results[k]["success"]) for k in suite.task_names}
         policy_kl = policy_divergence(agent, b_obs, task_ids_t, suite.task_names) if b_obs is not None else {}
         run.log({**{f"varshare/specialisation/{k}": v for k, v in spec.items()}, **{f"varshare/policy_kl/{k}": v for k, v in policy_kl.items()}}, step)
+        diag = varshare_diagnostics(agent, suite.task_names, 1.0, 1)  # KL_t (mean + variance part) and ||mu_t|| / ||theta||, for the report
         return run.log_eval(step, results, extra={"theta_success": {k: r["success"] for k, r in theta_results.items()},
-                                                  "specialisation": spec, "policy_kl": policy_kl})
+                                                  "specialisation": spec, "policy_kl": policy_kl,
+                                                  "kl": {k: diag[f"varshare/kl_mean_part/{k}"] + diag[f"varshare/kl_var_part/{k}"] for k in suite.task_names},
+                                                  "rel_residual": {k: diag[f"varshare/rel_residual/{k}"] for k in suite.task_names}})
 
     # ---- rollout storage: env-major (num_envs, num_steps, ...), numpy; moved to the device once per iteration.
     # Networks take (groups, samples, features) with one task id per group: a group is an env here.

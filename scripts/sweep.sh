@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Run a grid of methods x seeds (x tasks for the single-task oracle) of one benchmark config,
+# on this machine (-j N at a time) or as one Slurm job array (--slurm).
+#
+#   bash scripts/sweep.sh --config configs/toy_cartpole_mt10.toml --seeds 1-5 -j 2
+#   bash scripts/sweep.sh --config configs/toy_cartpole_mt10.toml --methods mtl_embed,varshare --seeds 1-2 --dry-run
+#   bash scripts/sweep.sh --config configs/metaworld_mt10.toml --seeds 1-10 --slurm --partition gpu --gpus 1 --cpus 4 --time 24:00:00
+#   bash scripts/sweep.sh --config configs/toy_cartpole_mt10.toml -- --eval-episodes 5      # flags after -- go to every run
+#
+# Options:
+#   --config FILE          benchmark config with a [methods] table (required)
+#   --methods A,B          labels of the config's [methods] table (default: all of them)
+#   --seeds LIST           e.g. 1-5 or 1,3,7 (default 1-5)
+#   --runs-dir DIR         where the run folders go (default runs/<config name>)
+#   --total-timesteps N    multi-task budget of every run; oracle runs get N / num_tasks (default: the config's)
+#   -j N                   runs at a time on this machine, one thread each (default 1)
+#   --dry-run              print each run's command (or write the sbatch file) and stop
+#   --slurm                write one sbatch array script (one array task per run) and submit it if sbatch exists
+#   --partition P, --time T, --cpus N (default 1), --gpus N (default 0), --max-parallel N (default 64): Slurm resources
+#
+# Every run has a fixed name (<label>__s<seed>, oracle <label>__<task>__s<seed>) under the runs dir, so a
+# sweep launched again skips runs whose summary.json exists, resumes runs that have a checkpoint, and
+# starts again runs that stopped before their first checkpoint (the old folder is moved aside to
+# <name>.incomplete-<time>, never deleted). Each run's output goes to <runs dir>/logs/<name>.log, with a
+# progress line every 30 s (tail -f it); failed runs are listed with their logs at the end and make the
+# sweep exit 1. Under Slurm each array task makes the skip/resume decision when it starts, so
+# resubmitting (or a requeue) continues the sweep.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+PY=${PYTHON:-$REPO/.venv/bin/python}
+
+die() { echo "sweep.sh: error: $*" >&2; exit 2; }
+is_int() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+CONFIG="" METHODS="" SEEDS="1-5" RUNS="" BUDGET="" JOBS=1 DRY=0 SLURM=0
+PARTITION="" TIME="" CPUS=1 GPUS=0 MAXPAR=64 GRID_FILE="" INDEX=""
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) CONFIG=${2-}; shift 2 ;;
+    --methods) METHODS=${2-}; shift 2 ;;
+    --seeds) SEEDS=${2-}; shift 2 ;;
+    --runs-dir) RUNS=${2-}; shift 2 ;;
+    --total-timesteps) BUDGET=${2-}; shift 2 ;;
+    -j|--jobs) JOBS=${2-}; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    --slurm) SLURM=1; shift ;;
+    --partition) PARTITION=${2-}; shift 2 ;;
+    --time) TIME=${2-}; shift 2 ;;
+    --cpus) CPUS=${2-}; shift 2 ;;
+    --gpus) GPUS=${2-}; shift 2 ;;
+    --max-parallel) MAXPAR=${2-}; shift 2 ;;
+    --grid-file) GRID_FILE=${2-}; shift 2 ;;   # internal: one Slurm array task
+    --run-index) INDEX=${2-}; shift 2 ;;       # internal: one Slurm array task
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+
+[ -x "$PY" ] || die "python '$PY' not found: run 'bash scripts/setup.sh' first, or set PYTHON"
+
+# ---- one run: skip if finished, resume if it has a checkpoint, else start it (fresh folder) ----
+run_command() {  # name algo args -> prints the command as a shell-quoted line, or nothing if finished
+  local name=$1 algo=$2 args=$3 dir="$RUNS/$1"
+  if [ -f "$dir/summary.json" ]; then return 0; fi
+  if [ -f "$dir/checkpoints/latest.pt" ]; then
+    printf '%q ' "$PY" "src/algos/$algo.py" --resume "$dir"; echo
+  else
+    printf '%q ' "$PY" "src/algos/$algo.py"; printf '%s ' "$args"; printf '%q ' --runs-dir "$RUNS" --run-name "$name"; echo
+  fi
+}
+
+run_one() {  # name algo args -> runs it to completion, output to its log; prints one status line
+  local name=$1 algo=$2 args=$3 dir="$RUNS/$1" log="$RUNS/logs/$1.log" cmd t0 code
+  cmd=$(run_command "$name" "$algo" "$args")
+  if [ -z "$cmd" ]; then echo "[done]    $name"; return 0; fi
+  if [ -e "$dir" ] && [ ! -f "$dir/checkpoints/latest.pt" ]; then mv "$dir" "$dir.incomplete-$(date +%s)"; fi
+  mkdir -p "$RUNS/logs"
+  t0=$(date +%s)
+  echo "\$ $cmd" >>"$log"
+  OMP_NUM_THREADS=${OMP_NUM_THREADS_PER_RUN:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS_PER_RUN:-1} eval "$cmd" >>"$log" 2>&1
+  code=$?
+  echo "$code" >"$RUNS/logs/$name.exit"
+  printf '[%-7s] %s (%s s, log %s)\n' "$([ $code = 0 ] && echo ok || echo "exit $code")" "$name" "$(( $(date +%s) - t0 ))" "$log"
+  return $code
+}
+
+# ---- a Slurm array task: run line INDEX of the grid file ----
+if [ -n "$INDEX" ]; then
+  [ -f "$GRID_FILE" ] || die "--grid-file '$GRID_FILE': no such file"
+  [ -n "$RUNS" ] || die "--run-index needs --runs-dir"
+  line=$(sed -n "$((INDEX + 1))p" "$GRID_FILE")
+  [ -n "$line" ] || die "--run-index $INDEX: the grid has $(wc -l <"$GRID_FILE") runs"
+  IFS=$'\t' read -r name algo args <<<"$line"
+  OMP_NUM_THREADS_PER_RUN=${SLURM_CPUS_PER_TASK:-1} run_one "$name" "$algo" "$args"
+  exit $?
+fi
+
+# ---- validate, before any work starts ----
+[ -n "$CONFIG" ] || die "--config is required (a file in configs/)"
+[ -f "$CONFIG" ] || die "--config '$CONFIG': no such file"
+for pair in "-j:$JOBS" "--cpus:$CPUS" "--gpus:$GPUS" "--max-parallel:$MAXPAR"; do
+  is_int "${pair#*:}" || die "${pair%%:*} '${pair#*:}': must be a whole number"
+done
+[ "$JOBS" -ge 1 ] || die "-j $JOBS: must be >= 1"
+[ "$CPUS" -ge 1 ] || die "--cpus $CPUS: must be >= 1"
+[ -z "$BUDGET" ] || is_int "$BUDGET" || die "--total-timesteps '$BUDGET': must be a positive whole number"
+[ -z "$TIME" ] || [[ $TIME =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "--time '$TIME': use a Slurm time such as 90, 04:00:00 or 1-12:00:00"
+RUNS=${RUNS:-runs/$(basename "$CONFIG" .toml)}
+mkdir -p "$RUNS" && RUNS=$(cd "$RUNS" && pwd)
+
+grid_args=(--config "$CONFIG" --seeds ${SEEDS//,/ })
+[ -z "$METHODS" ] || grid_args+=(--methods ${METHODS//,/ })
+[ -z "$BUDGET" ] || grid_args+=(--total-timesteps "$BUDGET")
+GRID=$("$PY" scripts/sweep_grid.py "${grid_args[@]}" -- "${EXTRA[@]}") || exit 2
+N=$(printf '%s\n' "$GRID" | wc -l)
+
+# ---- Slurm: one array task per run ----
+if [ $SLURM = 1 ]; then
+  mkdir -p "$RUNS/slurm"
+  stamp=$(date +%Y%m%d-%H%M%S)
+  GRID_FILE="$RUNS/slurm/grid-$stamp.tsv"
+  printf '%s\n' "$GRID" >"$GRID_FILE"
+  script="$RUNS/slurm/sweep-$stamp.sbatch"
+  {
+    echo "#!/usr/bin/env bash"
+    echo "#SBATCH --job-name=$(basename "$CONFIG" .toml)"
+    echo "#SBATCH --array=0-$((N - 1))%$MAXPAR"
+    echo "#SBATCH --cpus-per-task=$CPUS"
+    echo "#SBATCH --output=$RUNS/slurm/%A_%a.out"
+    [ -z "$PARTITION" ] || echo "#SBATCH --partition=$PARTITION"
+    [ -z "$TIME" ] || echo "#SBATCH --time=$TIME"
+    [ "$GPUS" = 0 ] || echo "#SBATCH --gres=gpu:$GPUS"
+    echo "cd $(printf '%q' "$REPO")"
+    echo "exec bash scripts/sweep.sh --grid-file $(printf '%q' "$GRID_FILE") --runs-dir $(printf '%q' "$RUNS") --run-index \"\$SLURM_ARRAY_TASK_ID\""
+  } >"$script"
+  echo "$N runs -> $script (grid $GRID_FILE)"
+  if [ $DRY = 1 ]; then exit 0; fi
+  if command -v sbatch >/dev/null; then
+    sbatch "$script" || die "sbatch $script failed"
+  else
+    echo "sbatch not found on this machine: submit with 'sbatch $script' where Slurm runs"
+  fi
+  exit 0
+fi
+
+# ---- dry run: the command each run gets now ----
+if [ $DRY = 1 ]; then
+  while IFS=$'\t' read -r name algo args; do
+    cmd=$(run_command "$name" "$algo" "$args")
+    if [ -z "$cmd" ]; then echo "# $name: finished (summary.json), skipped"; else echo "$cmd"; fi
+  done <<<"$GRID"
+  exit 0
+fi
+
+# ---- local: -j N at a time ----
+echo "$N runs, $JOBS at a time, into $RUNS (logs in $RUNS/logs)"
+start=$(date +%s)
+names=()
+while IFS=$'\t' read -r name algo args; do
+  names+=("$name")
+  rm -f "$RUNS/logs/$name.exit"
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  run_one "$name" "$algo" "$args" </dev/null &
+done <<<"$GRID"
+wait
+failed=0
+for name in "${names[@]}"; do
+  code=$(cat "$RUNS/logs/$name.exit" 2>/dev/null || echo 0)
+  if [ "$code" != 0 ]; then
+    [ $failed = 0 ] && echo "FAILED runs:" >&2
+    echo "  $name (exit $code): $RUNS/logs/$name.log" >&2
+    failed=$((failed + 1))
+  fi
+done
+echo "sweep finished in $(( $(date +%s) - start )) s: $((N - failed)) of $N runs done, $failed failed"
+[ $failed = 0 ]
