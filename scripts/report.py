@@ -15,7 +15,7 @@ Writes ``report.md`` (per benchmark: mean and IQM of success over runs x tasks w
 bootstrap CIs, sample efficiency (success averaged over all evaluations, and the median step at which
 a run's mean success first reaches 0.9), probability of improvement of the reference method over each other, a per-task table of
 mean +- std over seeds, parameter counts, wall clock and SPS), ``curves_<benchmark>.png`` (IQM success
-vs total environment steps with a 95% CI band), ``profiles_<benchmark>.png`` (performance profiles),
+vs total environment steps with a 95% CI band, and mean success beside it), ``profiles_<benchmark>.png`` (performance profiles),
 ``varshare_<benchmark>_<label>.png`` (KL and residual size per task over training, for VarShare runs),
 and ``summary.csv`` / ``per_task.csv`` with the numbers of the tables.
 """
@@ -243,16 +243,19 @@ def plot_benchmark(env_id: str, curves: dict, score_dict: dict, out: Path, reps:
     from rliable import metrics
 
     stem = env_id.replace("/", "-")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, (steps, curve) in curves.items():  # curve: (runs, tasks, evals)
-        def iqm_per_eval(x):
-            return np.array([metrics.aggregate_iqm(x[..., j]) for j in range(x.shape[-1])])
+        def iqm_and_mean_per_eval(x):
+            return np.array([metrics.aggregate_iqm(x[..., j]) for j in range(x.shape[-1])] + [x[..., j].mean() for j in range(x.shape[-1])])
 
-        point, ci = rly.get_interval_estimates({label: curve}, iqm_per_eval, reps=max(200, reps // 10), random_state=np.random.RandomState(0))
-        ax.plot(steps, point[label], label=label)
-        ax.fill_between(steps, ci[label][0], ci[label][1], alpha=0.2)
-    ax.set(xlabel="environment steps (all tasks)", ylabel="IQM success", title=env_id, ylim=(-0.02, 1.02))
-    ax.legend(fontsize=7)
+        point, ci = rly.get_interval_estimates({label: curve}, iqm_and_mean_per_eval, reps=max(200, reps // 10), random_state=np.random.RandomState(0))
+        n = len(steps)
+        for ax, part in ((axes[0], slice(0, n)), (axes[1], slice(n, 2 * n))):
+            ax.plot(steps, point[label][part], label=label)
+            ax.fill_between(steps, ci[label][0][part], ci[label][1][part], alpha=0.2)
+    for ax, name in zip(axes, ("IQM success", "mean success")):
+        ax.set(xlabel="environment steps (all tasks)", ylabel=name, title=f"{env_id}: {name} (95% CI)", ylim=(-0.02, 1.02))
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"curves_{stem}.png", dpi=120)
     plt.close(fig)

@@ -42,6 +42,7 @@ start() {
     chmod 0700 /etc/munge /var/lib/munge /var/log/munge
     runuser -u munge -- munged --force
     for _ in $(seq 20); do munge -n </dev/null >/dev/null 2>&1 && break; sleep 0.5; done
+    cp /run/munge/munged.pid "$DIR/munged.pid" 2>/dev/null || true   # ours: stop it too
   fi
   local host
   host=$(hostname -s)
@@ -79,7 +80,7 @@ EOF
 }
 
 stop() {
-  for d in slurmd slurmctld; do
+  for d in slurmd slurmctld munged; do
     if [ -f "$DIR/$d.pid" ]; then
       pid=$(cat "$DIR/$d.pid")
       kill "$pid" 2>/dev/null || true

@@ -26,8 +26,9 @@
 # sweep exit 1. Under Slurm each array task makes the skip/resume decision when it starts, so
 # resubmitting (or a requeue) continues the sweep.
 set -uo pipefail
+CALLER=$(pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
+cd "$REPO"   # runs start here; paths given relative to the caller's folder are made absolute below
 PY=${PYTHON:-$REPO/.venv/bin/python}
 
 die() { echo "sweep.sh: error: $*" >&2; exit 2; }
@@ -59,6 +60,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+from_caller() { if [ -n "$1" ] && [[ $1 != /* ]] && [ "$CALLER" != "$REPO" ]; then echo "$CALLER/$1"; else echo "$1"; fi; }
+CONFIG=$(from_caller "$CONFIG") RUNS=$(from_caller "$RUNS") GRID_FILE=$(from_caller "$GRID_FILE")
 [ -x "$PY" ] || die "python '$PY' not found: run 'bash scripts/setup.sh' first, or set PYTHON"
 
 # ---- one run: skip if finished, resume if it has a checkpoint, else start it (fresh folder) ----

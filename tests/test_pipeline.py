@@ -104,6 +104,10 @@ def test_sweep_dry_run_lists_exactly_the_grid_and_sees_finished_and_resumable_ru
     import shlex
 
     assert [shlex.split(line) for line in proc.stdout.splitlines()] == expected
+    # paths relative to the caller's folder mean the same runs when called from elsewhere
+    here = subprocess.run([*SWEEP, "--config", cfg.name, "--methods", "embed,single", "--seeds", "1,3", "--total-timesteps", "10240",
+                           "--runs-dir", "runs", "--dry-run", "--", "--eval-episodes", "1"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert [shlex.split(line) for line in here.stdout.splitlines()] == expected, here.stderr
 
     # a finished run is skipped; a run with a checkpoint is resumed
     (runs / "embed__s1").mkdir(parents=True)
@@ -269,3 +273,21 @@ def test_param_table_prints_every_preset_of_every_config():
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line}
     assert {"single", "mtl_embed", "varshare", "l2soft", "pcgrad", "paco", "softmod"} <= set(rows)
     assert "| 45x45 | 9,273 |" in rows["l2soft"] and "| 36x36 |" in rows["varshare"]  # preset flags and the method table both apply
+
+
+@pytest.mark.parametrize("algo", ["ppo_single", "ppo_mtl_embed", "ppo_varshare", "ppo_pcgrad", "ppo_paco", "ppo_softmod"])
+def test_evaluation_never_changes_training(tmp_path, algo):
+    """The same seed trained with an evaluation after every iteration or with none ends in bit-identical
+    weights: evaluation uses its own envs and RNG, so the report may compare runs evaluated on different grids."""
+    import torch
+
+    finals = []
+    extra = ["--eval-weight-samples", "1"] if algo == "ppo_varshare" else []
+    for every in ("0", "1280"):
+        runs = tmp_path / every
+        run_algo(algo, "--runs-dir", str(runs), "--total-timesteps", "5120", "--envs-per-task", "1", "--num-steps", "128", "--num-minibatches", "2",
+                 "--eval-episodes", "1", "--eval-every", every, "--hidden-sizes", "16", "16", *extra)  # 4 iterations (single: 40)
+        finals.append(torch.load(only_run(runs) / "checkpoints" / "latest.pt", weights_only=False)["agent"])
+    assert finals[0].keys() == finals[1].keys()
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
