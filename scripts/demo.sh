@@ -10,12 +10,15 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS_DIR:-runs/toy_cartpole_mt10_demo}
 REPORT=${REPORT_DIR:-reports/toy_cartpole_mt10_demo}
 start=$(date +%s)
+status=0   # a failed or interrupted run still gets a report of the others (it lists what is missing)
 bash scripts/sweep.sh --config configs/toy_cartpole_mt10.toml --methods "${DEMO_METHODS:-single,mtl_embed,varshare,l2soft,pcgrad,paco,softmod}" \
-  --seeds "${DEMO_SEEDS:-1-2}" -j "${DEMO_JOBS:-2}" --runs-dir "$RUNS"
+  --seeds "${DEMO_SEEDS:-1-2}" -j "${DEMO_JOBS:-2}" --runs-dir "$RUNS" || status=$?
+[ "$status" = 130 ] && exit 130   # stopped by Ctrl-C: the same command resumes
 .venv/bin/python scripts/report.py --runs-dir "$RUNS" --out "$REPORT" >/dev/null
 echo
-echo "demo finished in $(( $(date +%s) - start )) s"
+echo "demo finished in $(( $(date +%s) - start )) s$([ $status = 0 ] || echo ", with failed runs (listed above and in the report)")"
 echo "report:      $REPORT/report.md (tables; the same numbers in $REPORT/summary.csv and per_task.csv)"
 echo "figures:     $(cd "$REPORT" && ls *.png | sed "s|^|$REPORT/|" | tr '\n' ' ')"
 echo "runs:        $RUNS/<method>__s<seed>/ (config.json, eval.jsonl, summary.json, checkpoints; logs in $RUNS/logs)"
 echo "TensorBoard: .venv/bin/tensorboard --logdir $RUNS"
+exit $status

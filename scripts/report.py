@@ -3,21 +3,25 @@
     python scripts/report.py --runs-dir runs/toy_cartpole_mt10            # writes reports/toy_cartpole_mt10/
     python scripts/report.py --runs-dir runs/a runs/b --out reports/x --reference varshare
 
-Runs are grouped by benchmark and method label. The label is the launcher's run-name prefix
+Runs are grouped by benchmark and method label. The label is the sweep's run-name prefix
 (``<label>__s<seed>``, ``<label>__<task>__s<seed>`` for the single-task oracle) or else the algorithm
 name. Oracle runs of one seed (one run per task) are assembled into one multi-task score vector.
 Scores are final per-task success rates (the run's last evaluation, ``summary.json``).
 
-Run folders without ``summary.json`` and runs missing from a grid (a seed another method has; an
-oracle seed without every task) are listed in the report and on stderr, never silently dropped.
+Nothing is dropped silently: unfinished run folders, runs that the sweep's ``grid.tsv`` asked for but
+that never finished (or never started), seeds that other methods have, oracle seeds without every task,
+and the same run found twice are listed in the report and on stderr. Folders the sweep moved aside
+(``*.incomplete-*``) are ignored and counted.
 
 Writes ``report.md`` (per benchmark: mean and IQM of success over runs x tasks with 95% stratified
-bootstrap CIs, sample efficiency (success averaged over all evaluations, and the median step at which
-a run's mean success first reaches 0.9), probability of improvement of the reference method over each other, a per-task table of
-mean +- std over seeds, parameter counts, wall clock and SPS), ``curves_<benchmark>.png`` (IQM success
-vs total environment steps with a 95% CI band, and mean success beside it), ``profiles_<benchmark>.png`` (performance profiles),
+bootstrap CIs; sample efficiency (success averaged over all evaluations, and the median step at which a
+run's mean success first reaches 0.9); active / inference / total parameters; wall clock and SPS; a
+per-task table of mean +- sample std over seeds; the probability of improvement of the reference
+method over each other method with its 95% CI), ``curves_<benchmark>.png`` (IQM and mean success vs
+total environment steps, 95% CI bands), ``profiles_<benchmark>.png`` (performance profiles),
 ``varshare_<benchmark>_<label>.png`` (KL and residual size per task over training, for VarShare runs),
-and ``summary.csv`` / ``per_task.csv`` with the numbers of the tables.
+and ``summary.csv`` / ``per_task.csv`` with the numbers of the tables. Bootstrap seeds are fixed, so a
+report is reproducible.
 """
 
 from __future__ import annotations
@@ -27,10 +31,9 @@ import csv
 import json
 import re
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
-
-import warnings
 
 import numpy as np
 
@@ -43,76 +46,106 @@ NAME = re.compile(r"^(?P<label>[^_].*?)(__(?P<task>.+))?__s(?P<seed>\d+)$")
 
 
 def load_runs(runs_dirs: list[Path]) -> tuple[list[dict], list[str]]:
-    """Finished runs (``summary.json`` present), and a line for every run folder that is not finished."""
-    runs, unfinished = [], []
+    """Finished runs (``summary.json`` present), and a warning for every run that is not there: unfinished
+    folders, runs listed in a sweep's ``grid.tsv`` without a finished folder, duplicates."""
+    runs, warnings_, seen, moved_aside = [], [], {}, 0
     for d in runs_dirs:
+        finished_names = set()
         for cfg in sorted(Path(d).glob("*/config.json")):
             run_dir = cfg.parent
+            if ".incomplete-" in run_dir.name:
+                moved_aside += 1
+                continue
             ev = run_dir / "eval.jsonl"
             evals = [json.loads(line) for line in ev.read_text().splitlines() if line] if ev.is_file() else []
             if not (run_dir / "summary.json").is_file():
                 last = f"last evaluation at step {evals[-1]['global_step']:,}" if evals else "no evaluation yet"
-                unfinished.append(f"{run_dir}: not finished (no summary.json; {last})")
+                warnings_.append(f"{run_dir}: not finished (no summary.json; {last})")
                 continue
             config, s = json.loads(cfg.read_text()), json.loads((run_dir / "summary.json").read_text())
             m = NAME.match(run_dir.name)
             label = m["label"] if m else config["algo"]
-            runs.append({"dir": run_dir, "config": config, "summary": s, "label": label, "seed": config["args"]["seed"],
-                         "task": config["args"].get("task"), "env_id": config["args"]["env_id"], "evals": evals})
-    return runs, unfinished
+            run = {"dir": run_dir, "config": config, "summary": s, "label": label, "seed": config["args"]["seed"],
+                   "task": config["args"].get("task"), "env_id": config["args"]["env_id"], "evals": evals}
+            key = (run["env_id"], label, run["seed"], run["task"])
+            if key in seen:
+                warnings_.append(f"{run_dir}: the same run as {seen[key]} (benchmark, method, seed, task); only the first is used")
+                continue
+            seen[key] = run_dir
+            finished_names.add(run_dir.name)
+            runs.append(run)
+        grid = Path(d) / "grid.tsv"
+        if grid.is_file():
+            for line in grid.read_text().splitlines():
+                name = line.split("\t")[0]
+                if name and name not in finished_names and not (Path(d) / name / "config.json").is_file():
+                    warnings_.append(f"{Path(d) / name}: in the sweep's grid but never started or failed before writing "
+                                     f"its config (log: {Path(d) / 'logs' / (name + '.log')})")
+    if moved_aside:
+        warnings_.append(f"{moved_aside} folder(s) that the sweep moved aside (*.incomplete-*) are ignored")
+    return runs, warnings_
+
+
+def by_step(evals: list[dict]) -> dict[int, dict]:
+    """Evaluations keyed by global step; a repeated step (a run resumed at its end) keeps the last line."""
+    return {e["global_step"]: e for e in evals}
 
 
 def score_table(runs: list[dict]) -> tuple[dict, dict, dict, list[str]]:
-    """Per (benchmark, label): final success (runs, tasks), curves (runs, tasks, evals) with their env steps,
-    the runs themselves, and the missing runs. Oracle runs of a seed are merged; a seed missing a task is
-    left out of the scores and reported. A method missing a seed that another method of the benchmark has
-    is reported too."""
+    """Per (benchmark, label): final success (runs, tasks), curves (runs, tasks, evals) at the evaluation
+    steps that all its runs share (x axis: total environment steps, oracle steps x T), the runs themselves,
+    and warnings (missing seeds, incomplete oracle seeds, evaluation grids that differ)."""
     groups = defaultdict(list)
     for r in runs:
         groups[(r["env_id"], r["label"])].append(r)
     seeds_of_benchmark = defaultdict(set)
     for r in runs:
         seeds_of_benchmark[r["env_id"]].add(r["seed"])
-    scores, curves, members, missing = {}, {}, {}, []
-    for key, rs in groups.items():
+    scores, curves, members, notes = {}, {}, {}, []
+    for key, rs in sorted(groups.items()):
         absent = sorted(seeds_of_benchmark[key[0]] - {r["seed"] for r in rs})
         if absent:
-            missing.append(f"{key[0]} {key[1]}: no finished run for seed(s) {', '.join(map(str, absent))} (other methods have them)")
-    for key, rs in groups.items():
+            notes.append(f"{key[0]} {key[1]}: no finished run for seed(s) {', '.join(map(str, absent))} (other methods have them)")
         if rs[0]["task"] is not None:  # single-task oracle: one run per task and seed
             task_names = make_suite(key[0]).task_names
+            scale = len(task_names)
             by_seed = defaultdict(dict)
             for r in rs:
                 by_seed[r["seed"]][r["task"]] = r
-            seeds = sorted(s for s, d in by_seed.items() if set(d) == set(task_names))
-            for s_, d in sorted(by_seed.items()):
+            for s, d in sorted(by_seed.items()):
                 if set(d) != set(task_names):
-                    missing.append(f"{key[0]} {key[1]} seed {s_}: oracle incomplete, no finished run for task(s) "
-                                   f"{', '.join(t for t in task_names if t not in d)}; the seed is left out")
+                    notes.append(f"{key[0]} {key[1]} seed {s}: oracle incomplete, no finished run for task(s) "
+                                 f"{', '.join(t for t in task_names if t not in d)}; the seed is left out")
+            seeds = sorted(s for s, d in by_seed.items() if set(d) == set(task_names))
             if not seeds:
                 continue
-            final = np.array([[by_seed[s][t]["summary"]["final_success"][t] for t in task_names] for s in seeds])
-            n_tasks = len(task_names)
-            steps = [e["global_step"] * n_tasks for e in by_seed[seeds[0]][task_names[0]]["evals"]]
-            curve = np.array([[[e["success"][t] for e in by_seed[s][t]["evals"]][: len(steps)] for t in task_names] for s in seeds])
-            members[key] = [by_seed[s][t] for s in seeds for t in task_names]
+            grid = [[by_seed[s][t] for t in task_names] for s in seeds]  # (seeds, tasks) of runs
+            final = np.array([[run["summary"]["final_success"][t] for run, t in zip(row, task_names)] for row in grid])
+            members[key] = [run for row in grid for run in row]
         else:
             rs = sorted(rs, key=lambda r: r["seed"])
             task_names = rs[0]["config"]["task_names"]
+            scale = 1
+            grid = [[r] * len(task_names) for r in rs]
             final = np.array([[r["summary"]["final_success"][t] for t in task_names] for r in rs])
-            n_evals = min(len(r["evals"]) for r in rs)
-            steps = [e["global_step"] for e in rs[0]["evals"][:n_evals]]
-            curve = np.array([[[e["success"][t] for e in r["evals"][:n_evals]] for t in task_names] for r in rs])
             members[key] = rs
+        evals = [[by_step(run["evals"]) for run in row] for row in grid]
+        step_sets = [set(e) for row in evals for e in row]
+        common = sorted(set.intersection(*step_sets))
+        if set.union(*step_sets) != set(common):
+            notes.append(f"{key[0]} {key[1]}: runs were evaluated at different steps; its curve uses the {len(common)} steps all runs share")
+        curve = np.array([[[e[st]["success"][t] for st in common] for e, t in zip(row, task_names)] for row in evals])
         scores[key] = (task_names, final)
-        curves[key] = (steps, curve)
-    return scores, curves, members, missing
+        curves[key] = ([st * scale for st in common], curve.reshape(len(grid), len(task_names), len(common)))
+    return scores, curves, members, notes
 
 
 def sample_efficiency(steps: list[int], curve: np.ndarray, threshold: float = 0.9) -> tuple[float, str]:
     """Mean success over all evaluations (area under the success curve, normalised), and the median over runs
     of the first evaluation step at which the run's mean success over tasks reaches ``threshold`` ("-" if
     fewer than half of the runs reach it)."""
+    if not steps:
+        return float("nan"), "-"
     per_run = curve.mean(1)  # (runs, evals)
     firsts = [next((steps[j] for j in range(len(steps)) if r[j] >= threshold), None) for r in per_run]
     reached = sorted(f for f in firsts if f is not None)
@@ -120,48 +153,56 @@ def sample_efficiency(steps: list[int], curve: np.ndarray, threshold: float = 0.
     return float(per_run.mean()), median
 
 
-def interval_estimates(score_dict: dict, reps: int, seed: int = 0):
+def interval_estimates(score_dict: dict, func, reps: int, seed: int = 0):
     from rliable import library as rly
+
+    return rly.get_interval_estimates(score_dict, func, reps=reps, random_state=np.random.RandomState(seed))
+
+
+def mean_and_iqm(x: np.ndarray) -> np.ndarray:
     from rliable import metrics
 
-    def aggregate(x):
-        return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
-
-    return rly.get_interval_estimates(score_dict, aggregate, reps=reps, random_state=np.random.RandomState(seed))
+    return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
 
 
 def fmt_ci(point, ci) -> str:
     return f"{point:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def wall_clock_and_sps(runs: list[dict], num_tasks: int) -> tuple[float, float]:
+    """Minutes per seed (the oracle: summed over its T task runs, its whole cost) and mean SPS per run."""
+    wall = sum(r["summary"]["wall_clock_s"] for r in runs) / 60 / (len(runs) // num_tasks if runs[0]["task"] else len(runs))
+    return wall, float(np.mean([r["summary"]["mean_SPS"] for r in runs]))
+
+
 def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000) -> str:
     from rliable import metrics
 
-    runs, unfinished = load_runs(runs_dirs)
+    runs, warnings_ = load_runs(runs_dirs)
     if not runs:
         raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, runs_dirs))}")
-    scores, curves, members, missing = score_table(runs)
+    scores, curves, members, notes = score_table(runs)
+    warnings_ += notes
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Report: {', '.join(map(str, runs_dirs))}", "",
              "Final success rate per task (last evaluation). Mean and IQM over runs x tasks, 95% stratified bootstrap "
-             f"CIs ({reps} reps, rliable). Parameters: active per task, inference (one task's deployed network), total stored.", ""]
-    if unfinished or missing:
-        for warning in unfinished + missing:
-            print(f"warning: {warning}", file=sys.stderr)
-        lines += ["## Missing or unfinished runs (not in the numbers below)", "", *[f"- {w}" for w in unfinished + missing], ""]
+             f"CIs ({reps} reps, rliable). Parameters: active per task, inference (one task's deployed network), total stored. "
+             "Wall clock: minutes per seed (the oracle: its T task runs together).", ""]
+    for w in warnings_:
+        print(f"warning: {w}", file=sys.stderr)
+    if warnings_:
+        lines += ["## Warnings: missing, unfinished or partial runs (not in the numbers below)", "", *[f"- {w}" for w in warnings_], ""]
     summary_rows, task_rows = [], []
     for env_id in sorted({k[0] for k in scores}):
         keys = sorted((k for k in scores if k[0] == env_id), key=lambda k: k[1])
         score_dict = {k[1]: scores[k][1] for k in keys}
-        point, ci = interval_estimates(score_dict, reps)
+        point, ci = interval_estimates(score_dict, mean_and_iqm, reps)
         lines += [f"## {env_id}", "", "| method | runs | mean success | IQM success | success AUC | steps to 0.9 | active params | inference | total | wall clock (min) | SPS |",
                   "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k in keys:
             label = k[1]
-            ms = members[k]
-            p = ms[0]["summary"]["params"]
-            wall = np.mean([m["summary"]["wall_clock_s"] for m in ms]) / 60
-            sps = np.mean([m["summary"]["mean_SPS"] for m in ms])
+            p = members[k][0]["summary"]["params"]
+            wall, sps = wall_clock_and_sps(members[k], len(scores[k][0]))
             auc, to_threshold = sample_efficiency(*curves[k])
             lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | "
                          f"{fmt_ci(point[label][1], ci[label][:, 1])} | {auc:.3f} | {to_threshold} | {p['active_per_task']:,} | {p['inference']:,} | "
@@ -172,19 +213,26 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
                                  "success_auc": auc, "steps_to_0.9": to_threshold.replace(",", ""), "active_params": p["active_per_task"],
                                  "inference_params": p["inference"], "total_params": p["total"], "wall_clock_min": wall, "sps": sps})
         task_names = scores[keys[0]][0]
-        lines += ["", "Per-task success, mean +- std over seeds:", "", "| method | " + " | ".join(task_names) + " |",
+        lines += ["", "Per-task success, mean +- sample std over seeds:", "", "| method | " + " | ".join(task_names) + " |",
                   "|---|" + "---:|" * len(task_names)]
         for k in keys:
             names, final = scores[k]
             col = {t: final[:, i] for i, t in enumerate(names)}
-            lines.append(f"| {k[1]} | " + " | ".join(f"{col[t].mean():.2f} +- {col[t].std():.2f}" if t in col else "-" for t in task_names) + " |")
-            task_rows += [{"benchmark": env_id, "method": k[1], "task": t, "seeds": len(col[t]), "mean": col[t].mean(), "std": col[t].std()} for t in names]
+            std = {t: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for t, v in col.items()}
+            lines.append(f"| {k[1]} | " + " | ".join(f"{col[t].mean():.2f} +- {std[t]:.2f}" if t in col else "-" for t in task_names) + " |")
+            task_rows += [{"benchmark": env_id, "method": k[1], "task": t, "seeds": len(col[t]), "mean": col[t].mean(), "std": std[t]} for t in names]
         if reference in score_dict:
-            lines += ["", f"Probability of improvement of {reference} over each method (per-task success, Mann-Whitney; "
-                          "0.5 = no difference):", ""]
-            for label, s in score_dict.items():
-                if label != reference and s.shape[1] == score_dict[reference].shape[1]:
-                    lines.append(f"- P({reference} > {label}) = {metrics.probability_of_improvement(score_dict[reference], s):.3f}")
+            lines += ["", f"Probability of improvement of {reference} over each method: P(X > Y) + P(X = Y) / 2 for the final "
+                          "success X of a random run of it and Y of the other method on the same task, averaged over tasks "
+                          "(0.5 = no difference), with 95% stratified bootstrap CIs:", ""]
+            ref = score_dict[reference]
+            others = {label: s for label, s in score_dict.items() if label != reference and s.shape[1] == ref.shape[1]}
+            if others:
+                poi, poi_ci = interval_estimates({label: [ref, s] for label, s in others.items()}, metrics.probability_of_improvement, reps)
+                for label in others:
+                    lines.append(f"- P({reference} > {label}) = {fmt_ci(float(poi[label]), np.ravel(poi_ci[label]))}")
+            for label in sorted(set(score_dict) - set(others) - {reference}):
+                lines.append(f"- {label}: not comparable with {reference} (different task sets)")
         lines.append("")
         plot_benchmark(env_id, {k[1]: curves[k] for k in keys}, score_dict, out, reps)
         stem = env_id.replace("/", "-")
@@ -209,7 +257,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def plot_varshare(env_id: str, label: str, runs: list[dict], out: Path) -> bool:
     """KL and relative residual size per task over training, from the ``kl`` / ``rel_residual`` fields that
-    ppo_varshare writes in eval.jsonl (mean over seeds). False if the runs have none (not VarShare)."""
+    ppo_varshare writes in eval.jsonl (mean over seeds, at the steps all runs share). False if the runs
+    have none (not VarShare)."""
     if not all(r["evals"] and "kl" in r["evals"][0] for r in runs):
         return False
     import matplotlib
@@ -217,13 +266,13 @@ def plot_varshare(env_id: str, label: str, runs: list[dict], out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = min(len(r["evals"]) for r in runs)
-    steps = [e["global_step"] for e in runs[0]["evals"][:n]]
+    evals = [by_step(r["evals"]) for r in runs]
+    steps = sorted(set.intersection(*(set(e) for e in evals)))
     tasks = list(runs[0]["evals"][0]["kl"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, field, ylabel in ((axes[0], "kl", "KL(q_t || p) (nats)"), (axes[1], "rel_residual", "||mu_t|| / ||theta|| (mean over layers)")):
         for t in tasks:
-            ax.plot(steps, np.mean([[e[field][t] for e in r["evals"][:n]] for r in runs], 0), label=t)
+            ax.plot(steps, np.mean([[e[st][field][t] for st in steps] for e in evals], 0), label=t)
         ax.set(xlabel="environment steps (all tasks)", ylabel=ylabel)
     axes[0].set_title(f"{env_id} {label}: KL per task")
     axes[1].set_title("residual size per task")
@@ -245,10 +294,13 @@ def plot_benchmark(env_id: str, curves: dict, score_dict: dict, out: Path, reps:
     stem = env_id.replace("/", "-")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, (steps, curve) in curves.items():  # curve: (runs, tasks, evals)
+        if not steps:
+            continue
+
         def iqm_and_mean_per_eval(x):
             return np.array([metrics.aggregate_iqm(x[..., j]) for j in range(x.shape[-1])] + [x[..., j].mean() for j in range(x.shape[-1])])
 
-        point, ci = rly.get_interval_estimates({label: curve}, iqm_and_mean_per_eval, reps=max(200, reps // 10), random_state=np.random.RandomState(0))
+        point, ci = interval_estimates({label: curve}, iqm_and_mean_per_eval, max(200, reps // 10))
         n = len(steps)
         for ax, part in ((axes[0], slice(0, n)), (axes[1], slice(n, 2 * n))):
             ax.plot(steps, point[label][part], label=label)
@@ -261,7 +313,7 @@ def plot_benchmark(env_id: str, curves: dict, score_dict: dict, out: Path, reps:
     plt.close(fig)
 
     taus = np.linspace(0, 1, 21)
-    dists, dist_cis = rly.create_performance_profile(score_dict, taus, reps=max(200, reps // 10))
+    dists, dist_cis = interval_estimates(score_dict, lambda x: rly.score_distributions(x, taus), max(200, reps // 10))
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in score_dict:
         ax.plot(taus, dists[label], label=label)
@@ -283,6 +335,8 @@ def main() -> None:
     for d in a.runs_dir:
         if not d.is_dir():
             raise SystemExit(f"error: --runs-dir {d}: no such folder")
+    if a.reps < 100:
+        raise SystemExit(f"error: --reps {a.reps}: use at least 100 bootstrap repetitions")
     print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps))
 
 

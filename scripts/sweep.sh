@@ -23,8 +23,11 @@
 # starts again runs that stopped before their first checkpoint (the old folder is moved aside to
 # <name>.incomplete-<time>, never deleted). Each run's output goes to <runs dir>/logs/<name>.log, with a
 # progress line every 30 s (tail -f it); failed runs are listed with their logs at the end and make the
-# sweep exit 1. Under Slurm each array task makes the skip/resume decision when it starts, so
-# resubmitting (or a requeue) continues the sweep.
+# sweep exit 1. Ctrl-C (or SIGTERM to the sweep) stops the running runs, each saving a checkpoint, starts
+# no new one and exits 130; the same command resumes. A run that another sweep is running is left alone
+# ("busy"; a lock file per run). Under Slurm each array task makes the skip/resume decision when it
+# starts, so resubmitting (or a requeue) continues the sweep. <runs dir>/grid.tsv lists every run ever
+# asked for there; the report names the ones that never finished.
 set -uo pipefail
 CALLER=$(pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,6 +42,8 @@ PARTITION="" TIME="" CPUS=1 GPUS=0 MAXPAR=64 GRID_FILE="" INDEX=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --config|--methods|--seeds|--runs-dir|--total-timesteps|-j|--jobs|--partition|--time|--cpus|--gpus|--max-parallel|--grid-file|--run-index)
+      [ $# -ge 2 ] || die "$1 needs a value (see --help)" ;;&
     --config) CONFIG=${2-}; shift 2 ;;
     --methods) METHODS=${2-}; shift 2 ;;
     --seeds) SEEDS=${2-}; shift 2 ;;
@@ -75,18 +80,40 @@ run_command() {  # name algo args -> prints the command as a shell-quoted line, 
   fi
 }
 
+note_status() { [ -z "${STATUS_DIR:-}" ] || echo "$1" >"$STATUS_DIR/$name"; }  # this sweep's own tally
+
 run_one() {  # name algo args -> runs it to completion, output to its log; prints one status line
-  local name=$1 algo=$2 args=$3 dir="$RUNS/$1" log="$RUNS/logs/$1.log" cmd t0 code
-  cmd=$(run_command "$name" "$algo" "$args")
-  if [ -z "$cmd" ]; then echo "[done]    $name"; return 0; fi
-  if [ -e "$dir" ] && [ ! -f "$dir/checkpoints/latest.pt" ]; then mv "$dir" "$dir.incomplete-$(date +%s)"; fi
+  # Locally (SUPERVISE=1) the run gets its own session, so a Ctrl-C reaches only the sweep, which passes
+  # one SIGTERM on (a second signal would stop the run without its final checkpoint). Under Slurm the
+  # run stays in the job's process tree: Slurm signals it directly on scancel or at the time limit.
+  local name=$1 algo=$2 args=$3 dir="$RUNS/$1" log="$RUNS/logs/$1.log" cmd t0 code pid lock
   mkdir -p "$RUNS/logs"
+  exec {lock}>"$RUNS/logs/$name.lock"   # held by the run itself while it lives: no two sweeps run it at once
+  if ! flock -n "$lock"; then
+    note_status busy; echo "[busy]    $name (running in another sweep; left alone)"; return 0
+  fi
+  cmd=$(run_command "$name" "$algo" "$args")
+  if [ -z "$cmd" ]; then note_status 0; echo "[done]    $name"; return 0; fi
+  if [ -e "$dir" ] && [ ! -f "$dir/checkpoints/latest.pt" ]; then mv "$dir" "$dir.incomplete-$(date +%s)"; fi
   t0=$(date +%s)
   echo "\$ $cmd" >>"$log"
-  OMP_NUM_THREADS=${OMP_NUM_THREADS_PER_RUN:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS_PER_RUN:-1} eval "$cmd" >>"$log" 2>&1
-  code=$?
-  echo "$code" >"$RUNS/logs/$name.exit"
-  printf '[%-7s] %s (%s s, log %s)\n' "$([ $code = 0 ] && echo ok || echo "exit $code")" "$name" "$(( $(date +%s) - t0 ))" "$log"
+  eval "set -- $cmd"
+  if [ "${SUPERVISE:-0}" = 1 ]; then
+    trap '' INT
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 setsid "$@" >>"$log" 2>&1 </dev/null &
+    pid=$!
+    trap 'kill -TERM $pid 2>/dev/null' TERM
+    wait $pid; code=$?
+    while kill -0 $pid 2>/dev/null; do wait $pid; code=$?; done   # a trapped signal interrupts wait, not the run
+  else
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" >>"$log" 2>&1 </dev/null
+    code=$?
+  fi
+  note_status "$code"
+  local status="exit $code"
+  [ "$code" = 0 ] && status=ok
+  [ "$code" = 130 ] || [ "$code" = 143 ] && status=stopped
+  printf '[%-7s] %s (%s s, log %s)\n' "$status" "$name" "$(( $(date +%s) - t0 ))" "$log"
   return $code
 }
 
@@ -97,7 +124,7 @@ if [ -n "$INDEX" ]; then
   line=$(sed -n "$((INDEX + 1))p" "$GRID_FILE")
   [ -n "$line" ] || die "--run-index $INDEX: the grid has $(wc -l <"$GRID_FILE") runs"
   IFS=$'\t' read -r name algo args <<<"$line"
-  OMP_NUM_THREADS_PER_RUN=${SLURM_CPUS_PER_TASK:-1} run_one "$name" "$algo" "$args"
+  run_one "$name" "$algo" "$args"
   exit $?
 fi
 
@@ -109,16 +136,22 @@ for pair in "-j:$JOBS" "--cpus:$CPUS" "--gpus:$GPUS" "--max-parallel:$MAXPAR"; d
 done
 [ "$JOBS" -ge 1 ] || die "-j $JOBS: must be >= 1"
 [ "$CPUS" -ge 1 ] || die "--cpus $CPUS: must be >= 1"
+[ "$MAXPAR" -ge 1 ] || die "--max-parallel $MAXPAR: must be >= 1"
 [ -z "$BUDGET" ] || is_int "$BUDGET" || die "--total-timesteps '$BUDGET': must be a positive whole number"
 [ -z "$TIME" ] || [[ $TIME =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "--time '$TIME': use a Slurm time such as 90, 04:00:00 or 1-12:00:00"
 RUNS=${RUNS:-runs/$(basename "$CONFIG" .toml)}
-mkdir -p "$RUNS" && RUNS=$(cd "$RUNS" && pwd)
+[[ $RUNS = /* ]] || RUNS="$REPO/$RUNS"
 
 grid_args=(--config "$CONFIG" --seeds ${SEEDS//,/ })
 [ -z "$METHODS" ] || grid_args+=(--methods ${METHODS//,/ })
 [ -z "$BUDGET" ] || grid_args+=(--total-timesteps "$BUDGET")
 GRID=$("$PY" scripts/sweep_grid.py "${grid_args[@]}" -- "${EXTRA[@]}") || exit 2
 N=$(printf '%s\n' "$GRID" | wc -l)
+if [ $SLURM = 1 ] && [[ $RUNS =~ [[:space:]] ]]; then die "--runs-dir '$RUNS': #SBATCH lines cannot hold whitespace; choose a path without it"; fi
+if [ $DRY = 0 ] || [ $SLURM = 1 ]; then mkdir -p "$RUNS"; fi
+if [ $DRY = 0 ]; then  # the report compares this list with the finished runs, to name the missing ones
+  { cat "$RUNS/grid.tsv" 2>/dev/null; printf '%s\n' "$GRID"; } | awk -F'\t' '!seen[$1]++' >"$RUNS/grid.tsv.tmp" && mv "$RUNS/grid.tsv.tmp" "$RUNS/grid.tsv"
+fi
 
 # ---- Slurm: one array task per run ----
 if [ $SLURM = 1 ]; then
@@ -158,25 +191,43 @@ if [ $DRY = 1 ]; then
   exit 0
 fi
 
-# ---- local: -j N at a time ----
+# ---- local: -j N at a time; Ctrl-C (or SIGTERM) stops the running runs with a checkpoint ----
 echo "$N runs, $JOBS at a time, into $RUNS (logs in $RUNS/logs)"
 start=$(date +%s)
+STATUS_DIR=$(mktemp -d)
+trap 'rm -rf "$STATUS_DIR"' EXIT
+STOP=0
+on_signal() {
+  STOP=1
+  echo "sweep.sh: stopping: the running runs save a checkpoint, no new run starts; the same command resumes them" >&2
+  kill -TERM $(jobs -p) 2>/dev/null
+}
+trap on_signal INT TERM
 names=()
 while IFS=$'\t' read -r name algo args; do
+  while [ $STOP = 0 ] && [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  [ $STOP = 0 ] || break
   names+=("$name")
-  rm -f "$RUNS/logs/$name.exit"
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-  run_one "$name" "$algo" "$args" </dev/null &
+  SUPERVISE=1 run_one "$name" "$algo" "$args" </dev/null &
 done <<<"$GRID"
-wait
-failed=0
+while [ -n "$(jobs -rp)" ]; do wait; done
+failed=0 busy=0 stopped=0
 for name in "${names[@]}"; do
-  code=$(cat "$RUNS/logs/$name.exit" 2>/dev/null || echo 0)
-  if [ "$code" != 0 ]; then
-    [ $failed = 0 ] && echo "FAILED runs:" >&2
-    echo "  $name (exit $code): $RUNS/logs/$name.log" >&2
-    failed=$((failed + 1))
-  fi
+  code=$(cat "$STATUS_DIR/$name" 2>/dev/null || echo "none")
+  case "$code" in
+    0) ;;
+    busy) busy=$((busy + 1)) ;;
+    130|143) stopped=$((stopped + 1)) ;;
+    *) [ $failed = 0 ] && echo "FAILED runs:" >&2
+       echo "  $name (exit $code): $RUNS/logs/$name.log" >&2
+       failed=$((failed + 1)) ;;
+  esac
 done
-echo "sweep finished in $(( $(date +%s) - start )) s: $((N - failed)) of $N runs done, $failed failed"
+summary="$((${#names[@]} - failed - busy - stopped)) of $N runs done"
+[ $failed = 0 ] || summary+=", $failed failed"
+[ $stopped = 0 ] || summary+=", $stopped stopped with a checkpoint (the same command resumes them)"
+[ $busy = 0 ] || summary+=", $busy left to another sweep that is running them"
+[ ${#names[@]} = "$N" ] || summary+=", $((N - ${#names[@]})) not started"
+echo "sweep finished in $(( $(date +%s) - start )) s: $summary"
+[ $STOP = 0 ] || exit 130
 [ $failed = 0 ]

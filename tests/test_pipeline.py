@@ -125,7 +125,8 @@ def test_sweep_runs_in_parallel_skips_finished_runs_resumes_and_reports_failures
     cmd = ["--config", str(cfg), "-j", "2", "--runs-dir", str(runs), "--methods", "embed,blind", "--seeds", "1-2", "--", *TINY]
     first = sweep(*cmd)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert sorted(p.name for p in runs.iterdir() if p.name != "logs") == ["blind__s1", "blind__s2", "embed__s1", "embed__s2"]
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir() and p.name != "logs") == ["blind__s1", "blind__s2", "embed__s1", "embed__s2"]
+    assert [line.split("\t")[0] for line in (runs / "grid.tsv").read_text().splitlines()] == ["embed__s1", "blind__s1", "embed__s2", "blind__s2"]
     assert json.loads((runs / "blind__s1" / "config.json").read_text())["args"]["task_encoding"] == "none"
     assert json.loads((runs / "embed__s1" / "config.json").read_text())["args"]["learning_rate"] == 0.001
 
@@ -161,7 +162,7 @@ def test_sweep_refuses_bad_input_before_any_work(tmp_path):
 def test_sweep_writes_a_slurm_array_with_the_requested_resources(tmp_path):
     cfg, runs = write_config(tmp_path), tmp_path / "runs"
     proc = sweep("--config", str(cfg), "--methods", "embed", "--seeds", "3,5", "--runs-dir", str(runs), "--slurm", "--dry-run",
-                 "--partition", "gpu", "--time", "04:00:00", "--cpus", "4", "--gpus", "1", "--max-parallel", "8")
+                 "--partition", "gpu", "--time", "04:00:00", "--cpus", "4", "--gpus", "1", "--max-parallel", "8", "--", *TINY)
     assert proc.returncode == 0, proc.stderr
     script = next((runs / "slurm").glob("sweep-*.sbatch")).read_text()
     for line in ["#SBATCH --array=0-1%8", "#SBATCH --cpus-per-task=4", "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00",
@@ -169,6 +170,50 @@ def test_sweep_writes_a_slurm_array_with_the_requested_resources(tmp_path):
         assert line in script, line
     grid = next((runs / "slurm").glob("grid-*.tsv")).read_text().splitlines()
     assert [line.split("\t")[0] for line in grid] == ["embed__s3", "embed__s5"]
+    # what one array task does, without Slurm: array index 1 runs the second run of the grid
+    import os
+
+    task = subprocess.run(["bash", str(next((runs / "slurm").glob("sweep-*.sbatch")))], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"})
+    assert task.returncode == 0 and "[ok     ] embed__s5" in task.stdout, task.stdout + task.stderr
+    assert (runs / "embed__s5" / "summary.json").is_file() and not (runs / "embed__s3").exists()
+
+
+def test_sweep_ctrl_c_stops_runs_with_a_checkpoint_and_a_second_sweep_leaves_running_runs_alone(tmp_path):
+    import os
+    import signal
+    import time
+
+    cfg, runs = write_config(tmp_path), tmp_path / "runs"
+    cmd = [*SWEEP, "--config", str(cfg), "--methods", "embed", "--seeds", "1-2", "-j", "2", "--runs-dir", str(runs), "--",
+           "--total-timesteps", "5000000", "--checkpoint-every", "0", "--eval-every", "0"]
+
+    def start_and_wait_for(marker: str):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+        deadline = time.time() + 120
+        logs = [runs / "logs" / f"embed__s{s}.log" for s in (1, 2)]
+        while not all(log.is_file() and marker in log.read_text() for log in logs):
+            assert time.time() < deadline and proc.poll() is None, "the runs did not start"
+            time.sleep(0.5)
+        return proc
+
+    # Ctrl-C reaches the whole foreground process group; the sweep stops each run once, with a checkpoint
+    first = start_and_wait_for("steps (")  # the runs are training (their first progress line; no periodic checkpoint)
+    os.killpg(first.pid, signal.SIGINT)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 130, out + err
+    assert "[stopped] embed__s1" in out and "[stopped] embed__s2" in out and "the same command resumes them" in err
+    for s in (1, 2):
+        assert (runs / f"embed__s{s}" / "checkpoints" / "latest.pt").is_file() and not (runs / f"embed__s{s}" / "summary.json").exists()
+        assert "stopped by signal 15; checkpoint at step" in (runs / "logs" / f"embed__s{s}.log").read_text()
+
+    # the same command resumes them; a second sweep started meanwhile leaves both alone
+    again = start_and_wait_for("resumed")
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert second.returncode == 0 and second.stdout.count("[busy]") == 2, second.stdout + second.stderr
+    os.kill(again.pid, signal.SIGTERM)  # SIGTERM to the sweep alone also stops its runs
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 130 and out.count("[stopped]") == 2, out + err
 
 
 @pytest.mark.slow
@@ -187,15 +232,18 @@ def test_sweep_under_a_real_single_node_slurm(tmp_path):
 
 # ---- the report, on synthetic runs with known per-task successes ----
 
-def fake_run(runs: Path, name: str, algo: str, seed: int, success: dict, task: str | None = None, finished: bool = True, diag: bool = False):
+def fake_run(runs: Path, name: str, algo: str, seed: int, success: dict, task: str | None = None, finished: bool = True,
+             diag: bool = False, steps=(1000, 2000, 3000), wall: float = 60.0):
+    """A run folder as the algorithm scripts write it, with a curve rising linearly to ``success``."""
     d = runs / name
     d.mkdir(parents=True)
     tasks = list(success)
     (d / "config.json").write_text(json.dumps({"algo": algo, "task_names": tasks,
                                                "args": {"seed": seed, "task": task, "env_id": "toy/CartPole-MT10"}}))
     evals = []
-    for i, frac in enumerate((0.0, 0.5, 1.0)):  # a rising curve that ends at the final success
-        e = {"global_step": 1000 * (i + 1), "mean_success": 0.0, "success": {t: frac * v for t, v in success.items()}}
+    for i, step in enumerate(steps):
+        frac = (i + 1) / len(steps)
+        e = {"global_step": step, "mean_success": 0.0, "success": {t: frac * v for t, v in success.items()}}
         if diag:
             e["kl"] = {t: float(i + k) for k, t in enumerate(tasks)}
             e["rel_residual"] = {t: 0.01 * (i + k) for k, t in enumerate(tasks)}
@@ -204,7 +252,7 @@ def fake_run(runs: Path, name: str, algo: str, seed: int, success: dict, task: s
     if finished:
         (d / "summary.json").write_text(json.dumps({"final_success": success, "mean_success": float(np.mean(list(success.values()))),
                                                     "params": {"active_per_task": 100, "inference": 90, "total": 1000},
-                                                    "wall_clock_s": 60.0, "mean_SPS": 1000.0}))
+                                                    "wall_clock_s": wall, "mean_SPS": 1000.0}))
 
 
 def stratified_bootstrap(x: np.ndarray, stat, reps: int, rng) -> tuple[float, float]:
@@ -220,27 +268,33 @@ def iqm_by_hand(x: np.ndarray) -> float:
     return float(v[k: len(v) - k].mean())
 
 
-def test_report_numbers_equal_a_direct_computation_and_missing_runs_are_listed(tmp_path):
+def improvement_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) + P(X = Y) / 2 over all pairs of runs, per task, averaged over tasks."""
+    return float(np.mean([np.mean([(a > b) + 0.5 * (a == b) for a in x[:, t] for b in y[:, t]]) for t in range(x.shape[1])]))
+
+
+def test_report_numbers_equal_a_direct_computation(tmp_path):
     from mtrl.envs import make_suite
 
     tasks = make_suite("toy/CartPole-MT10").task_names
     rng = np.random.default_rng(0)
     runs = tmp_path / "runs"
-    true = {"varshare": np.round(rng.uniform(0.3, 1.0, (5, 10)), 2), "embed": np.round(rng.uniform(0.0, 0.8, (4, 10)), 2)}
+    true = {"varshare": np.round(rng.uniform(0.3, 1.0, (5, 10)), 1), "embed": np.round(rng.uniform(0.0, 0.8, (5, 10)), 1)}
     for label, x in true.items():
         for i, row in enumerate(x):
             fake_run(runs, f"{label}__s{i + 1}", "ppo_x", i + 1, dict(zip(tasks, row.tolist())), diag=label == "varshare")
-    for t in tasks:  # oracle: seed 1 complete, seed 2 without its last task
-        fake_run(runs, f"single__{t}__s1", "ppo_single", 1, {t: 1.0}, task=t)
-        if t != tasks[-1]:
-            fake_run(runs, f"single__{t}__s2", "ppo_single", 2, {t: 1.0}, task=t)
-    fake_run(runs, "embed__s5", "ppo_x", 5, dict(zip(tasks, [0.5] * 10)), finished=False)
+    oracle = np.round(rng.uniform(0.0, 1.0, (5, 10)), 1)  # (seeds, tasks): each task a different value
+    for s in range(5):
+        for j, t in enumerate(tasks):
+            fake_run(runs, f"single__{t}__s{s + 1}", "ppo_single", s + 1, {t: float(oracle[s, j])}, task=t, steps=(100, 200, 300), wall=6.0)
 
     out = tmp_path / "report"
     proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--reps", "2000"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr and "Warnings" not in (out / "report.md").read_text()
     text = (out / "report.md").read_text()
     rows = {r["method"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    true["single"] = oracle
     for label, x in true.items():
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |")).split("|")
         assert row[2].strip() == str(len(x))
@@ -251,19 +305,61 @@ def test_report_numbers_equal_a_direct_computation_and_missing_runs_are_listed(t
             lo, hi = stratified_bootstrap(x, stat, 4000, np.random.default_rng(1))
             assert float(rows[label][f"{col}_ci_low"]) == pytest.approx(lo, abs=0.01) and float(rows[label][f"{col}_ci_high"]) == pytest.approx(hi, abs=0.01)
             assert f"[{float(rows[label][f'{col}_ci_low']):.3f}, {float(rows[label][f'{col}_ci_high']):.3f}]" in "|".join(row)
-    # per-task table: mean +- std over seeds
+        # success AUC: the mean over runs, tasks and evaluations of the linear curves (1/3, 2/3, 1) x final
+        assert float(rows[label]["success_auc"]) == pytest.approx(x.mean() * 2 / 3, abs=1e-5)
+    # the oracle: its curve is on total steps (100 x T ...), its wall clock the T task runs of a seed together
+    assert rows["single"]["wall_clock_min"] == "1" and rows["varshare"]["wall_clock_min"] == "1"
+    # per-task table: mean +- sample std over seeds, oracle tasks in the suite's order
     per_task = {(r["method"], r["task"]): r for r in csv.DictReader((out / "per_task.csv").open())}
-    assert float(per_task[("varshare", tasks[3])]["mean"]) == pytest.approx(true["varshare"][:, 3].mean(), abs=1e-5)
-    assert f"{true['embed'][:, 0].mean():.2f} +- {true['embed'][:, 0].std():.2f}" in next(line for line in text.splitlines() if line.startswith("| embed |") and "+-" in line)
-    # the oracle row is seed 1 only (seed 2 lacks a task), and that is said
-    assert next(line for line in text.splitlines() if line.startswith("| single |")).split("|")[2].strip() == "1"
-    assert f"oracle incomplete, no finished run for task(s) {tasks[-1]}" in text
-    assert "embed__s5: not finished" in text and "embed__s5: not finished" in proc.stderr
-    assert "embed: no finished run for seed(s) 5" in text
-    assert "P(varshare > embed) =" in text
+    for j, t in enumerate(tasks):
+        assert float(per_task[("single", t)]["mean"]) == pytest.approx(oracle[:, j].mean(), abs=1e-5)
+        assert float(per_task[("varshare", t)]["std"]) == pytest.approx(true["varshare"][:, j].std(ddof=1), abs=1e-5)
+    embed_row = next(line for line in text.splitlines() if line.startswith("| embed |") and "+-" in line)
+    assert f"{true['embed'][:, 0].mean():.2f} +- {true['embed'][:, 0].std(ddof=1):.2f}" in embed_row
+    # probability of improvement: the Mann-Whitney statistic by hand
+    for other in ("embed", "single"):
+        line = next(line for line in text.splitlines() if line.startswith(f"- P(varshare > {other}) = "))
+        assert line.split("= ")[1].startswith(f"{improvement_by_hand(true['varshare'], true[other]):.3f} [")
     for png in ("curves_toy-CartPole-MT10.png", "profiles_toy-CartPole-MT10.png", "varshare_toy-CartPole-MT10_varshare.png"):
         assert (out / png).stat().st_size > 5000, png
         assert png in text
+
+
+def test_report_lists_every_missing_unfinished_or_partial_run(tmp_path):
+    from mtrl.envs import make_suite
+
+    tasks = make_suite("toy/CartPole-MT10").task_names
+    runs, other = tmp_path / "runs", tmp_path / "other"
+    for s in (1, 2, 3):
+        fake_run(runs, f"varshare__s{s}", "ppo_x", s, dict.fromkeys(tasks, 1.0), diag=True,
+                 steps=(1000, 1500, 2000, 3000) if s == 3 else (1000, 2000, 3000))  # seed 3 has an extra evaluation
+    for s in (1, 2):
+        fake_run(runs, f"embed__s{s}", "ppo_x", s, dict.fromkeys(tasks, 0.5))
+    fake_run(runs, "embed__s3", "ppo_x", 3, dict.fromkeys(tasks, 0.5), finished=False)
+    fake_run(runs, "embed__s3.incomplete-123", "ppo_x", 3, dict.fromkeys(tasks, 0.5), finished=False)
+    for t in tasks[:-1]:  # oracle seed 1 lacks its last task
+        fake_run(runs, f"single__{t}__s1", "ppo_single", 1, {t: 1.0}, task=t)
+    fake_run(other, "varshare__s1", "ppo_x", 1, dict.fromkeys(tasks, 0.0), diag=True)  # the same run in a second folder
+    (runs / "grid.tsv").write_text("varshare__s1\tppo_varshare\t--seed 1\nbroken__s1\tppo_mtl_embed\t--seed 1\n")
+
+    out = tmp_path / "report"
+    proc = subprocess.run([*REPORT, "--runs-dir", str(runs), str(other), "--out", str(out), "--reps", "200"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    expected = [f"{runs / 'embed__s3'}: not finished (no summary.json; last evaluation at step 3,000)",
+                f"{runs / 'broken__s1'}: in the sweep's grid but never started",
+                f"{other / 'varshare__s1'}: the same run as {runs / 'varshare__s1'}",
+                "1 folder(s) that the sweep moved aside (*.incomplete-*) are ignored",
+                "toy/CartPole-MT10 embed: no finished run for seed(s) 3 (other methods have them)",
+                f"toy/CartPole-MT10 single seed 1: oracle incomplete, no finished run for task(s) {tasks[-1]}; the seed is left out",
+                "toy/CartPole-MT10 varshare: runs were evaluated at different steps; its curve uses the 3 steps all runs share"]
+    for w in expected:
+        assert w in text and w in proc.stderr, w
+    assert "| single |" not in text  # no complete oracle seed: no row
+    rows = {r["method"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert rows["varshare"]["runs"] == "3" and rows["varshare"]["mean"] == "1"  # the duplicate (all zeros) is not used
+    assert rows["varshare"]["steps_to_0.9"] == "3000" and rows["embed"]["steps_to_0.9"] == "-"
 
 
 def test_param_table_prints_every_preset_of_every_config():
