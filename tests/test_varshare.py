@@ -118,6 +118,28 @@ def test_logprob_recomputed_with_stored_noise_equals_rollout_logprob(noise):
     assert (other - logps).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kw", [dict(noise="rollout"), dict(noise="mean"), dict(residual="l2")])
+def test_rollout_weights_computed_once_give_bit_identical_outputs(kw):
+    """The rollout computes each env's weights once per iteration; a forward with them must equal the
+    forward that builds them from theta, mu, sigma and eps (actor outputs, log-probs and values)."""
+    agent, _ = make_agent(discrete=False, **kw)
+    randomise_residuals(agent)
+    tasks = torch.tensor([3, 0, 1, 1, 2])
+    obs = torch.randn(5, 1, 5)
+    eps = agent.sample_weight_noise(5) if kw.get("noise") == "rollout" else None
+    weights = agent.rollout_weights(tasks, eps)
+    assert len(weights) == len(agent.actor) + len(agent.critic) and weights[0].shape == (5, agent.actor[0].out_features, 5)
+    with torch.no_grad():
+        a, lp, ent, v = agent.get_action_and_value(obs, tasks, eps, deterministic=True)
+        a2, lp2, ent2, v2 = agent.get_action_and_value(obs, tasks, eps, deterministic=True, weights=weights)
+        v3 = agent.get_value(obs, tasks, eps, weights=weights)
+    for x, y in ((a, a2), (lp, lp2), (v, v2), (v, v3)):
+        assert torch.equal(x, y)
+    if eps is not None:  # and the weights carry the noise: without it the outputs differ
+        assert not torch.equal(a, agent.get_action_and_value(obs, tasks, None, deterministic=True, weights=agent.rollout_weights(tasks))[0])
+    assert make_agent(noise="step")[0].rollout_weights(tasks) is None  # step mode draws per sample: nothing to cache
+
+
 def test_mean_mode_with_matched_lambda_has_the_gradients_of_l2soft():
     grads = []
     for kw in [dict(residual="variational", noise="mean"), dict(residual="l2")]:

@@ -181,12 +181,19 @@ class VarShareLinear(nn.Module):
     def sigma(self) -> torch.Tensor:
         return nn.functional.softplus(self.rho)
 
-    def forward(self, x, task_ids, noise=None, noise_mode="mean", use_residual=True):
-        if not use_residual:
-            return x @ self.theta.T + self.bias
-        weight = self.theta + self.mu[task_ids]  # (G, out, in): the posterior mean of each group's task
+    def group_weight(self, task_ids, noise=None, noise_mode="mean"):
+        """(G, out, in): each group's weight, theta + mu_t (+ sigma_t * eps in rollout mode)."""
+        weight = self.theta + self.mu[task_ids]  # the posterior mean of each group's task
         if noise_mode == "rollout" and noise is not None:
             weight = weight + self.sigma()[task_ids] * noise
+        return weight
+
+    def forward(self, x, task_ids, noise=None, noise_mode="mean", use_residual=True, weight=None):
+        """``weight``: this layer's group weights from ``group_weight``, computed once for a whole rollout."""
+        if not use_residual:
+            return x @ self.theta.T + self.bias
+        if weight is None:
+            weight = self.group_weight(task_ids, noise, noise_mode)
         y = torch.baddbmm(self.bias, x, weight.transpose(1, 2))
         if noise_mode == "step" and noise is not None:  # local reparameterisation with a stored draw
             var = torch.bmm(x * x, self.sigma()[task_ids].square().transpose(1, 2))
@@ -235,9 +242,19 @@ class Agent(nn.Module):
         """Step mode: one standard-normal draw per sample and pre-activation of every layer, (G, M, preact_dim)."""
         return torch.randn(num_groups, num_samples, self.preact_dim, device=self.actor[0].theta.device)
 
-    def mlp_forward(self, layers, x, task_ids, noise, use_residual):
+    @torch.no_grad()
+    def rollout_weights(self, task_ids, noise=None) -> list[torch.Tensor] | None:
+        """Every layer's group weights (actor, then critic) for a rollout, where the parameters and the
+        rollout-mode draw are fixed: computed once per iteration instead of at every step (bit-identical
+        to computing them in ``forward``). None in step mode (its noise is per sample)."""
+        if self.noise_mode == "step":
+            return None
+        per_layer = noise if noise is not None else [None] * len(self.preact_sizes)
+        return [layer.group_weight(task_ids, n, self.noise_mode) for (_, layer), n in zip(self.named_varshare_layers(), per_layer)]
+
+    def mlp_forward(self, layers, x, task_ids, noise, use_residual, weights=None):
         for i, layer in enumerate(layers):
-            x = layer(x, task_ids, noise[i], self.noise_mode, use_residual)
+            x = layer(x, task_ids, noise[i], self.noise_mode, use_residual, None if weights is None else weights[i])
             if i < len(layers) - 1:
                 x = self.activation(x)
         return x
@@ -252,15 +269,17 @@ class Agent(nn.Module):
             per_layer = noise
         return per_layer[: len(self.actor)], per_layer[len(self.actor) :]
 
-    def get_value(self, x, task_ids, noise=None, use_residual=True):
+    def get_value(self, x, task_ids, noise=None, use_residual=True, weights=None):
         """x: (groups, samples, obs_dim), task_ids: (groups,) -> values (groups, samples)."""
-        return self.mlp_forward(self.critic, x, task_ids, self.split_noise(noise)[1], use_residual).squeeze(-1)
+        w = None if weights is None else weights[len(self.actor):]
+        return self.mlp_forward(self.critic, x, task_ids, self.split_noise(noise)[1], use_residual, w).squeeze(-1)
 
-    def get_action_and_value(self, x, task_ids, noise=None, action=None, deterministic=False, use_residual=True):
+    def get_action_and_value(self, x, task_ids, noise=None, action=None, deterministic=False, use_residual=True, weights=None):
         logstd = None if self.actor_logstd is None else self.actor_logstd[task_ids][:, None]
-        out = self.mlp_forward(self.actor, x, task_ids, self.split_noise(noise)[0], use_residual)
+        w = None if weights is None else weights[: len(self.actor)]
+        out = self.mlp_forward(self.actor, x, task_ids, self.split_noise(noise)[0], use_residual, w)
         action, logprob, entropy = action_head(out, logstd, action, deterministic)
-        return action, logprob, entropy, self.get_value(x, task_ids, noise, use_residual)
+        return action, logprob, entropy, self.get_value(x, task_ids, noise, use_residual, weights)
 
     def kl_per_task(self) -> tuple[torch.Tensor, torch.Tensor]:
         """KL_t split into (mean part, variance part), summed over layers of actor and critic: (T,), (T,)."""
@@ -462,6 +481,7 @@ def main(args: Args) -> None:
         beta = args.kl_coef * (min(1.0, iteration_start_step / (args.kl_warmup_frac * num_iterations * batch_size)) if args.kl_warmup_frac > 0 else 1.0)
         # weight noise of this iteration: one draw per env, used for its whole rollout and in every update epoch (section 5)
         eps = agent.sample_weight_noise(num_envs) if noise_mode == "rollout" else None
+        rollout_w = agent.rollout_weights(task_ids_t, eps)  # each env's weights for this rollout (None in step mode)
 
         # ---- rollout
         rollout_start = time.time()
@@ -474,7 +494,7 @@ def main(args: Args) -> None:
             if noise_mode == "step":
                 xi_buf[:, step] = noise[:, 0]
             with torch.inference_mode():
-                action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(x, device=device)[:, None], task_ids_t, noise)
+                action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(x, device=device)[:, None], task_ids_t, noise, weights=rollout_w)
             action = action[:, 0].cpu().numpy()
             actions_buf[:, step], logprobs_buf[:, step], values_buf[:, step] = action, logprob[:, 0].cpu().numpy(), value[:, 0].cpu().numpy()
             next_obs, reward, terminations, truncations, infos = envs.step(action if act_clip is None else np.clip(action, *act_clip))
@@ -486,7 +506,8 @@ def main(args: Args) -> None:
                 idx = np.flatnonzero(bootstrap)
                 final_x = obs_norm(mtenvs.final_obs(next_obs, infos, bootstrap)[idx], update=False)
                 with torch.inference_mode():
-                    final_values = agent.get_value(torch.as_tensor(final_x, device=device)[:, None], task_ids_t[idx], noise_subset(noise, idx))
+                    final_values = agent.get_value(torch.as_tensor(final_x, device=device)[:, None], task_ids_t[idx], noise_subset(noise, idx),
+                                                   weights=noise_subset(rollout_w, idx))
                 final_values_buf[idx, step] = final_values[:, 0].cpu().numpy()
             episodes.add(tracker.step(reward, terminations, truncations, infos))
             global_step += num_envs
@@ -502,7 +523,8 @@ def main(args: Args) -> None:
         # ---- GAE
         with torch.inference_mode():
             next_noise = agent.sample_preact_noise(num_envs, 1) if noise_mode == "step" else eps
-            next_value = agent.get_value(torch.as_tensor(obs_norm(next_obs, update=False), device=device)[:, None], task_ids_t, next_noise)[:, 0].cpu().numpy()
+            next_value = agent.get_value(torch.as_tensor(obs_norm(next_obs, update=False), device=device)[:, None], task_ids_t, next_noise,
+                                         weights=rollout_w)[:, 0].cpu().numpy()
         advantages, returns = compute_gae(rewards_buf.T, values_buf.T, next_value, terminations_buf.T, truncations_buf.T, final_values_buf.T,
                                           args.gamma, args.gae_lambda)
         advantages, returns = advantages.T, returns.T
