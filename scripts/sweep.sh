@@ -86,7 +86,11 @@ run_one() {  # name algo args -> runs it to completion, output to its log; print
   # Locally (SUPERVISE=1) the run gets its own session, so a Ctrl-C reaches only the sweep, which passes
   # one SIGTERM on (a second signal would stop the run without its final checkpoint). Under Slurm the
   # run stays in the job's process tree: Slurm signals it directly on scancel or at the time limit.
-  local name=$1 algo=$2 args=$3 dir="$RUNS/$1" log="$RUNS/logs/$1.log" cmd t0 code pid lock
+  local name=$1 algo=$2 args=$3 dir="$RUNS/$1" log="$RUNS/logs/$1.log" cmd t0 code pid="" stop=0 lock
+  if [ "${SUPERVISE:-0}" = 1 ]; then  # first thing: a SIGTERM from now on is passed on once, or stops the start
+    trap '' INT
+    trap 'trap "" TERM; if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null; else stop=1; fi' TERM
+  fi
   mkdir -p "$RUNS/logs"
   exec {lock}>"$RUNS/logs/$name.lock"   # held by the run itself while it lives: no two sweeps run it at once
   if ! flock -n "$lock"; then
@@ -94,17 +98,18 @@ run_one() {  # name algo args -> runs it to completion, output to its log; print
   fi
   cmd=$(run_command "$name" "$algo" "$args")
   if [ -z "$cmd" ]; then note_status 0; echo "[done]    $name"; return 0; fi
-  if [ -e "$dir" ] && [ ! -f "$dir/checkpoints/latest.pt" ]; then mv "$dir" "$dir.incomplete-$(date +%s)"; fi
+  if [ -e "$dir" ] && [ ! -f "$dir/checkpoints/latest.pt" ]; then mv -T -- "$dir" "$dir.incomplete-$(date +%s%N)" || return 1; fi
   t0=$(date +%s)
   echo "\$ $cmd" >>"$log"
   eval "set -- $cmd"
   if [ "${SUPERVISE:-0}" = 1 ]; then
-    trap '' INT
+    if [ $stop = 1 ]; then note_status 143; echo "[stopped] $name (before it started)"; return 143; fi
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 setsid "$@" >>"$log" 2>&1 </dev/null &
     pid=$!
-    trap 'kill -TERM $pid 2>/dev/null' TERM
-    wait $pid; code=$?
-    while kill -0 $pid 2>/dev/null; do wait $pid; code=$?; done   # a trapped signal interrupts wait, not the run
+    [ $stop = 0 ] || kill -TERM "$pid" 2>/dev/null   # the signal came between the check and pid=$!
+    wait "$pid"
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done   # a trapped signal interrupts wait, not the run
+    wait "$pid"; code=$?   # the run's own exit status (bash keeps it for a reaped child)
   else
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" >>"$log" 2>&1 </dev/null
     code=$?
@@ -150,7 +155,11 @@ N=$(printf '%s\n' "$GRID" | wc -l)
 if [ $SLURM = 1 ] && [[ $RUNS =~ [[:space:]] ]]; then die "--runs-dir '$RUNS': #SBATCH lines cannot hold whitespace; choose a path without it"; fi
 if [ $DRY = 0 ] || [ $SLURM = 1 ]; then mkdir -p "$RUNS"; fi
 if [ $DRY = 0 ]; then  # the report compares this list with the finished runs, to name the missing ones
-  { cat "$RUNS/grid.tsv" 2>/dev/null; printf '%s\n' "$GRID"; } | awk -F'\t' '!seen[$1]++' >"$RUNS/grid.tsv.tmp" && mv "$RUNS/grid.tsv.tmp" "$RUNS/grid.tsv"
+  (  # under a lock: two sweeps started together must not lose each other's lines
+    flock 9
+    tmp=$(mktemp "$RUNS/grid.tsv.XXXXXX")
+    { cat "$RUNS/grid.tsv" 2>/dev/null; printf '%s\n' "$GRID"; } | awk -F'\t' '!seen[$1]++' >"$tmp" && mv "$tmp" "$RUNS/grid.tsv"
+  ) 9>"$RUNS/.grid.lock"
 fi
 
 # ---- Slurm: one array task per run ----
@@ -198,9 +207,10 @@ STATUS_DIR=$(mktemp -d)
 trap 'rm -rf "$STATUS_DIR"' EXIT
 STOP=0
 on_signal() {
+  [ $STOP = 0 ] || return   # one stop per run: a second signal would cost the runs their final checkpoint
   STOP=1
   echo "sweep.sh: stopping: the running runs save a checkpoint, no new run starts; the same command resumes them" >&2
-  kill -TERM $(jobs -p) 2>/dev/null
+  kill -TERM $(jobs -rp) 2>/dev/null
 }
 trap on_signal INT TERM
 names=()
@@ -218,6 +228,10 @@ for name in "${names[@]}"; do
     0) ;;
     busy) busy=$((busy + 1)) ;;
     130|143) stopped=$((stopped + 1)) ;;
+    none) if [ $STOP = 1 ]; then stopped=$((stopped + 1)); else
+            [ $failed = 0 ] && echo "FAILED runs:" >&2
+            echo "  $name (no exit status: its supervisor was killed): $RUNS/logs/$name.log" >&2
+            failed=$((failed + 1)); fi ;;
     *) [ $failed = 0 ] && echo "FAILED runs:" >&2
        echo "  $name (exit $code): $RUNS/logs/$name.log" >&2
        failed=$((failed + 1)) ;;

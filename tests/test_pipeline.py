@@ -145,6 +145,17 @@ def test_sweep_runs_in_parallel_skips_finished_runs_resumes_and_reports_failures
     assert "--gamma must be in [0, 1]" in log.read_text() and "[done]    embed__s1" in failing.stdout
 
 
+def test_sweeps_started_together_keep_every_line_of_the_grid_file(tmp_path):
+    cfg, runs = write_config(tmp_path), tmp_path / "runs"
+    procs = [subprocess.Popen([*SWEEP, "--config", str(cfg), "--methods", "broken", "--seeds", str(s), "--runs-dir", str(runs)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for s in range(1, 7)]
+    for p in procs:
+        p.communicate(timeout=300)
+        assert p.returncode == 1  # the preset's --gamma 1.5 is refused: every run fails, each in its own sweep
+    names = [line.split("\t")[0] for line in (runs / "grid.tsv").read_text().splitlines()]
+    assert sorted(names) == [f"broken__s{s}" for s in range(1, 7)]
+
+
 def test_sweep_refuses_bad_input_before_any_work(tmp_path):
     cfg = write_config(tmp_path)
     for args, words in [(["--config", str(cfg), "--methods", "nope"], ["nope", "embed, blind"]),
@@ -200,6 +211,8 @@ def test_sweep_ctrl_c_stops_runs_with_a_checkpoint_and_a_second_sweep_leaves_run
     # Ctrl-C reaches the whole foreground process group; the sweep stops each run once, with a checkpoint
     first = start_and_wait_for("steps (")  # the runs are training (their first progress line; no periodic checkpoint)
     os.killpg(first.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(first.pid, signal.SIGINT)  # an impatient second Ctrl-C must not cost the runs their checkpoint
     out, err = first.communicate(timeout=120)
     assert first.returncode == 130, out + err
     assert "[stopped] embed__s1" in out and "[stopped] embed__s2" in out and "the same command resumes them" in err
