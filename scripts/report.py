@@ -17,11 +17,17 @@ Writes ``report.md`` (per benchmark: mean and IQM of success over runs x tasks w
 bootstrap CIs; sample efficiency (success averaged over all evaluations, and the median step at which a
 run's mean success first reaches 0.9); active / inference / total parameters; wall clock and SPS; a
 per-task table of mean +- sample std over seeds; the probability of improvement of the reference
-method over each other method with its 95% CI), ``curves_<benchmark>.png`` (IQM and mean success vs
+method over each other method with its 95% CI; for every preset ``<label>`` that has a tuned twin
+``<label>_tuned`` (scripts/tune.py --write), the two side by side; with ``--tuning-report``, the tuning
+table of scripts/tune.py), ``curves_<benchmark>.png`` (IQM and mean success vs
 total environment steps, 95% CI bands), ``profiles_<benchmark>.png`` (performance profiles),
 ``varshare_<benchmark>_<label>.png`` (KL and residual size per task over training, for VarShare runs),
 and ``summary.csv`` / ``per_task.csv`` with the numbers of the tables. Bootstrap seeds are fixed, so a
 report is reproducible.
+
+Tuning seeds (>= 101) only choose hyperparameters: a report of runs with seeds >= 101 is refused (they
+belong in a tuning runs dir, read by scripts/tune.py), and so is any mix of tuning and report seeds, even
+with ``--tuning``, which reads a pure tuning dir (``<label>@<configuration>`` rows).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="arch")  # rlia
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from mtrl.envs import make_suite  # noqa: E402
+sys.path.insert(0, str(REPO / "scripts"))
+from sweep_grid import TUNING_SEED_MIN  # noqa: E402
 
 NAME = re.compile(r"^(?P<label>[^_].*?)(__(?P<task>.+))?__s(?P<seed>\d+)$")
 
@@ -84,6 +92,26 @@ def load_runs(runs_dirs: list[Path]) -> tuple[list[dict], list[str]]:
     if moved_aside:
         warnings_.append(f"{moved_aside} folder(s) that the sweep moved aside (*.incomplete-*) are ignored")
     return runs, warnings_
+
+
+def check_seeds(runs: list[dict], tuning: bool = False) -> None:
+    """Exit with an error if the runs mix tuning seeds (>= 101) and report seeds (1-100), or, for a report
+    (``tuning`` False), hold any tuning run at all; ``tuning``: only tuning runs are allowed."""
+    tune = [str(r["dir"]) for r in runs if r["seed"] >= TUNING_SEED_MIN]
+    report = [str(r["dir"]) for r in runs if r["seed"] < TUNING_SEED_MIN]
+
+    def named(dirs: list[str]) -> str:
+        return ", ".join(dirs[:10]) + (f" and {len(dirs) - 10} more" if len(dirs) > 10 else "")
+
+    if tune and report:
+        raise SystemExit(f"error: the runs mix tuning seeds (>= {TUNING_SEED_MIN}; only for choosing hyperparameters) and report "
+                         f"seeds (1-{TUNING_SEED_MIN - 1}): {len(tune)} tuning run(s): {named(tune)}; {len(report)} report run(s): "
+                         f"{named(report)}. Keep tuning runs in their own runs dir (runs/<study>_tuning).")
+    if tune and not tuning:
+        raise SystemExit(f"error: {len(tune)} run(s) with tuning seeds (>= {TUNING_SEED_MIN}) never appear in a report: {named(tune)}. "
+                         "Read a tuning dir with scripts/tune.py, or with --tuning.")
+    if report and tuning:
+        raise SystemExit(f"error: --tuning reads tuning runs (seeds >= {TUNING_SEED_MIN}) only; report seed run(s): {named(report)}")
 
 
 def by_step(evals: list[dict]) -> dict[int, dict]:
@@ -175,16 +203,20 @@ def wall_clock_and_sps(runs: list[dict], num_tasks: int) -> tuple[float, float]:
     return wall, float(np.mean([r["summary"]["mean_SPS"] for r in runs]))
 
 
-def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000) -> str:
+def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000, tuning: bool = False,
+                 tuning_report: Path | None = None) -> str:
     from rliable import metrics
 
+    if tuning_report is not None and not tuning_report.is_file():
+        raise SystemExit(f"error: --tuning-report {tuning_report}: no such file (scripts/tune.py writes <out>/tuning.md)")
     runs, warnings_ = load_runs(runs_dirs)
     if not runs:
         raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, runs_dirs))}")
+    check_seeds(runs, tuning)
     scores, curves, members, notes = score_table(runs)
     warnings_ += notes
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Report: {', '.join(map(str, runs_dirs))}", "",
+    lines = [f"# {'Tuning runs (seeds >= %d; not for reporting)' % TUNING_SEED_MIN if tuning else 'Report'}: {', '.join(map(str, runs_dirs))}", "",
              "Final success rate per task (last evaluation). Mean and IQM over runs x tasks, 95% stratified bootstrap "
              f"CIs ({reps} reps, rliable). Parameters: active per task, inference (one task's deployed network), total stored. "
              "Wall clock: minutes per seed (the oracle: its T task runs together).", ""]
@@ -212,6 +244,15 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
                                  "iqm": point[label][1], "iqm_ci_low": ci[label][0, 1], "iqm_ci_high": ci[label][1, 1],
                                  "success_auc": auc, "steps_to_0.9": to_threshold.replace(",", ""), "active_params": p["active_per_task"],
                                  "inference_params": p["inference"], "total_params": p["total"], "wall_clock_min": wall, "sps": sps})
+        pairs = [label for label in score_dict if f"{label}_tuned" in score_dict]
+        if pairs:
+            lines += ["", "Default vs tuned (the spec-default preset and its tuned twin from scripts/tune.py --write; "
+                          "mean and IQM of final success with 95% CIs, as above):", "",
+                      "| method | default: runs | default: mean success | default: IQM success | tuned: runs | tuned: mean success | tuned: IQM success |",
+                      "|---|---:|---|---|---:|---|---|"]
+            for label in pairs:
+                cells = [f"{len(score_dict[m])} | {fmt_ci(point[m][0], ci[m][:, 0])} | {fmt_ci(point[m][1], ci[m][:, 1])}" for m in (label, f"{label}_tuned")]
+                lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
         task_names = scores[keys[0]][0]
         lines += ["", "Per-task success, mean +- sample std over seeds:", "", "| method | " + " | ".join(task_names) + " |",
                   "|---|" + "---:|" * len(task_names)]
@@ -241,6 +282,9 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
             if plot_varshare(env_id, k[1], members[k], out):
                 lines += [f"VarShare diagnostics of {k[1]} (per task, mean over seeds): KL(q_t || p) and ||mu_t|| / ||theta||.", "",
                           f"![{k[1]} diagnostics](varshare_{stem}_{k[1]}.png)", ""]
+    if tuning_report is not None:  # its tables, headings two levels down
+        lines += [f"## Hyperparameter tuning ({tuning_report})", ""]
+        lines += [("##" + line if line.startswith("#") else line) for line in tuning_report.read_text().splitlines()] + [""]
     write_csv(out / "summary.csv", summary_rows)
     write_csv(out / "per_task.csv", task_rows)
     text = "\n".join(lines)
@@ -331,13 +375,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<name of the first runs dir>)")
     p.add_argument("--reference", default="varshare", help="method whose probability of improvement over the others is reported")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
+    p.add_argument("--tuning", action="store_true", help="read a pure tuning runs dir (seeds >= 101); without it such runs are refused")
+    p.add_argument("--tuning-report", type=Path, default=None, help="a tuning.md of scripts/tune.py to include in report.md")
     a = p.parse_args()
     for d in a.runs_dir:
         if not d.is_dir():
             raise SystemExit(f"error: --runs-dir {d}: no such folder")
     if a.reps < 100:
         raise SystemExit(f"error: --reps {a.reps}: use at least 100 bootstrap repetitions")
-    print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps))
+    print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps, a.tuning, a.tuning_report))
 
 
 if __name__ == "__main__":

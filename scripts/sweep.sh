@@ -6,13 +6,19 @@
 #   bash scripts/sweep.sh --config configs/toy_cartpole_mt10.toml --methods mtl_embed,varshare --seeds 1-2 --dry-run
 #   bash scripts/sweep.sh --config configs/metaworld_mt10.toml --seeds 1-10 --slurm --partition gpu --gpus 1 --cpus 4 --time 24:00:00
 #   bash scripts/sweep.sh --config configs/toy_cartpole_mt10.toml -- --eval-episodes 5      # flags after -- go to every run
+#   bash scripts/sweep.sh --config configs/toy_cartpole_targets_mt10.toml --tune -j 2 --runs-dir runs/targets_tuning
 #
 # Options:
 #   --config FILE          benchmark config with a [methods] table (required)
 #   --methods A,B          labels of the config's [methods] table (default: all of them)
-#   --seeds LIST           e.g. 1-5 or 1,3,7 (default 1-5)
-#   --runs-dir DIR         where the run folders go (default runs/<config name>)
+#   --seeds LIST           e.g. 1-5 or 1,3,7 (default 1-5; report seeds are 1-100, seeds >= 101 are tuning seeds)
+#   --runs-dir DIR         where the run folders go (default runs/<config name>, with --tune runs/<config name>_tuning)
 #   --total-timesteps N    multi-task budget of every run; oracle runs get N / num_tasks (default: the config's)
+#   --tune                 hyperparameter tuning: the config's [tuning] table, methods x configurations x tuning
+#                          seeds (its seeds and budget unless --seeds / --total-timesteps), run names
+#                          <label>@<configuration>__s<seed>; --methods picks tuned methods. Keep tuning runs in a
+#                          runs dir of their own (runs/<study>_tuning): the report refuses to mix them with report
+#                          runs. Then: python scripts/tune.py --config FILE --runs-dir DIR --out DIR [--write]
 #   -j N                   runs at a time on this machine, one thread each (default 1)
 #   --dry-run              print each run's command (or write the sbatch file) and stop
 #   --slurm                write one sbatch array script (one array task per run) and submit it if sbatch exists
@@ -37,7 +43,7 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 die() { echo "sweep.sh: error: $*" >&2; exit 2; }
 is_int() { [[ $1 =~ ^[0-9]+$ ]]; }
 
-CONFIG="" METHODS="" SEEDS="1-5" RUNS="" BUDGET="" JOBS=1 DRY=0 SLURM=0
+CONFIG="" METHODS="" SEEDS="" RUNS="" BUDGET="" JOBS=1 DRY=0 SLURM=0 TUNE=0
 PARTITION="" TIME="" CPUS=1 GPUS=0 MAXPAR=64 GRID_FILE="" INDEX=""
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -51,6 +57,7 @@ while [ $# -gt 0 ]; do
     --total-timesteps) BUDGET=${2-}; shift 2 ;;
     -j|--jobs) JOBS=${2-}; shift 2 ;;
     --dry-run) DRY=1; shift ;;
+    --tune) TUNE=1; shift ;;
     --slurm) SLURM=1; shift ;;
     --partition) PARTITION=${2-}; shift 2 ;;
     --time) TIME=${2-}; shift 2 ;;
@@ -144,14 +151,21 @@ done
 [ "$MAXPAR" -ge 1 ] || die "--max-parallel $MAXPAR: must be >= 1"
 [ -z "$BUDGET" ] || is_int "$BUDGET" || die "--total-timesteps '$BUDGET': must be a positive whole number"
 [ -z "$TIME" ] || [[ $TIME =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "--time '$TIME': use a Slurm time such as 90, 04:00:00 or 1-12:00:00"
-RUNS=${RUNS:-runs/$(basename "$CONFIG" .toml)}
+SUFFIX=""; [ $TUNE = 0 ] || SUFFIX=_tuning
+RUNS=${RUNS:-runs/$(basename "$CONFIG" .toml)$SUFFIX}
 [[ $RUNS = /* ]] || RUNS="$REPO/$RUNS"
 
-grid_args=(--config "$CONFIG" --seeds ${SEEDS//,/ })
+grid_args=(--config "$CONFIG")
+[ -z "$SEEDS" ] || grid_args+=(--seeds ${SEEDS//,/ })   # default: 1-5, with --tune the [tuning] table's
+[ $TUNE = 0 ] || grid_args+=(--tune)
 [ -z "$METHODS" ] || grid_args+=(--methods ${METHODS//,/ })
 [ -z "$BUDGET" ] || grid_args+=(--total-timesteps "$BUDGET")
 GRID=$("$PY" scripts/sweep_grid.py "${grid_args[@]}" -- "${EXTRA[@]}") || exit 2
 N=$(printf '%s\n' "$GRID" | wc -l)
+mixed=$( { cat "$RUNS/grid.tsv" 2>/dev/null; printf '%s\n' "$GRID"; } | awk -F'\t' '  # tuning seeds (>= 101) never share a runs dir with report seeds
+  match($1, /__s[0-9]+$/) { seed = substr($1, RSTART + 3) + 0; if (seed >= 101) t = t ? t : $1; else r = r ? r : $1 }
+  END { if (t && r) print t " and " r }')
+[ -z "$mixed" ] || die "runs dir '$RUNS' would hold tuning runs (seeds >= 101) and report runs (seeds 1-100), e.g. $mixed (its grid.tsv and this sweep): give tuning runs their own --runs-dir, e.g. runs/<study>_tuning"
 if [ $SLURM = 1 ] && [[ $RUNS =~ [[:space:]] ]]; then die "--runs-dir '$RUNS': #SBATCH lines cannot hold whitespace; choose a path without it"; fi
 if [ $DRY = 0 ] || [ $SLURM = 1 ]; then mkdir -p "$RUNS"; fi
 if [ $DRY = 0 ]; then  # the report compares this list with the finished runs, to name the missing ones
@@ -171,7 +185,7 @@ if [ $SLURM = 1 ]; then
   script="$RUNS/slurm/sweep-$stamp.sbatch"
   {
     echo "#!/usr/bin/env bash"
-    echo "#SBATCH --job-name=$(basename "$CONFIG" .toml)"
+    echo "#SBATCH --job-name=$(basename "$CONFIG" .toml)$SUFFIX"
     echo "#SBATCH --array=0-$((N - 1))%$MAXPAR"
     echo "#SBATCH --cpus-per-task=$CPUS"
     echo "#SBATCH --output=$RUNS/slurm/%A_%a.out"

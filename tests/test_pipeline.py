@@ -39,22 +39,26 @@ def test_match_width_lands_within_five_percent_and_is_the_closest(overrides):
 
 
 def test_config_widths_are_the_matched_ones():
-    """The benchmark configs record widths within 5% of ppo_mtl_embed's active count (protocol.md section 4)."""
+    """The benchmark configs record widths within 5% of ppo_mtl_embed's active count (protocol.md section 4):
+    every preset (tuning configurations included), parsed with all its flags as its script parses them."""
     import tomllib
 
+    from mtrl.capacity import algo_module
+    from mtrl.run import parse_args
+
     for cfg in sorted((REPO / "configs").glob("*mt*.toml")):
-        methods = tomllib.loads(cfg.read_text()).get("methods", {})
+        data = tomllib.loads(cfg.read_text())
+        methods = data.get("methods", {})
+        presets = dict(methods)
+        for label, grid in data.get("tuning", {}).items():
+            if isinstance(grid, dict):
+                presets.update({f"{label}@{name}": [*methods[label], *flags] for name, flags in grid.items()})
         target = count_params("ppo_mtl_embed", make_args("ppo_mtl_embed", str(cfg)))["active_per_task"]
-        for label, (algo, *flags) in methods.items():
+        for label, (algo, *flags) in presets.items():
             if algo == "ppo_single" or "--task-encoding" in flags:
                 continue
-            kw = {}
-            if "--hidden-sizes" in flags:
-                i = flags.index("--hidden-sizes")
-                kw["hidden_sizes"] = tuple(int(v) for v in flags[i + 1 : i + 3])
-            if "--residual" in flags:
-                kw["residual"] = flags[flags.index("--residual") + 1]
-            active = count_params(algo, make_args(algo, str(cfg), **kw))["active_per_task"]
+            args = parse_args(algo_module(algo).Args, algo, argv=["--config", str(cfg), *flags])
+            active = count_params(algo, args)["active_per_task"]
             assert abs(active - target) <= 0.05 * target, (cfg.name, label, active, target)
 
 

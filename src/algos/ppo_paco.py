@@ -6,7 +6,7 @@ uses ``W^t = sum_i w_t[i] V_i`` and ``b^t = sum_i w_t[i] b_i`` with a trainable 
 paper's stability tricks, adapted to PPO: loss maskout (a task whose per-task PPO loss exceeds
 ``--maskout-threshold`` is left out of the parameter sets' gradient in that minibatch) and w-reset (the
 w of such a task is replaced by a random convex combination of the other tasks' w). Definitions:
-shared/spec/baselines.md section 4, notes in context/paco.md; this file is ppo_mtl_embed plus the method.
+context/spec/baselines.md section 4, notes in context/paco.md; this file is ppo_mtl_embed plus the method.
 Run: ``python src/algos/ppo_paco.py --config configs/toy_cartpole_mt10.toml``.
 """
 

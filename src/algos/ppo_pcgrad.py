@@ -7,7 +7,7 @@ removes from g_i^PC its component along the original g_j; the update direction i
 the paper, the sum) of the projected gradients, then grad-norm clip and Adam as usual. Actor parameters
 (policy and entropy loss) and critic parameters (value loss) are projected separately; task-specific
 parameters (log-std rows, embedding rows, the first layers' one-hot columns) keep their plain gradient.
-Definitions: shared/spec/baselines.md section 3; notes: context/pcgrad.md. This file is ppo_mtl_embed
+Definitions: context/spec/baselines.md section 3; notes: context/pcgrad.md. This file is ppo_mtl_embed
 plus the method.
 Run: ``python src/algos/ppo_pcgrad.py --config configs/toy_cartpole_mt10.toml``.
 """

@@ -3,10 +3,16 @@
 Every linear layer of actor and critic (heads included) computes, for task t, ``W_t = theta + delta_t``
 with a shared bias. ``delta_t`` has a Gaussian posterior ``N(mu_t, sigma_t^2)`` and a zero-mean prior
 ``N(0, sigma0^2)``, ``sigma0 = prior_scale / sqrt(fan_in)``; the closed-form KL of every task, scaled by
-``kl_coef / batch_size``, is added to every minibatch loss. PPO's ratio is computed under the same weight
-noise that generated the action (``--noise rollout|step|mean``). ``--residual l2`` is the L2Soft ablation:
-a deterministic residual with penalty ``(lambda_l / N) sum_t ||delta_l^t||^2``. Definitions:
-shared/spec/varshare.md; this file is ppo_mtl_embed plus the method.
+``kl_coef / N`` (N = the iteration's batch size), is added to every minibatch loss. PPO's ratio is computed
+under the same weight noise that generated the action (``--noise rollout|step|mean``); the critic is at its
+posterior mean ``theta + mu_t`` (no weight noise). ``--residual l2`` is the L2Soft ablation: a deterministic
+residual with penalty ``(lambda_l / N) sum_t ||delta_l^t||^2``.
+Calibration options (section 10 of the definition): ``--critic-noise off|same`` (same: the critic takes the
+actor's draw), ``--prior-scale-mode fan_in|init`` (init: ``sigma0 = prior_scale * rms(theta at init)``),
+``--critic varshare|onehot`` (onehot: ppo_mtl_embed's critic, no residual, no KL), ``--kl-samples N`` (a fixed
+KL denominator), ``--bias-residual`` (biases get a per-task residual too), ``--residual-lr-scale s`` (mu, rho
+in their own Adam group at s times the learning rate).
+Definitions: context/spec/varshare.md; this file is ppo_mtl_embed plus the method.
 Run: ``python src/algos/ppo_varshare.py --config configs/toy_cartpole_mt10.toml``.
 """
 
@@ -123,24 +129,45 @@ class Args:
     noise: Literal["rollout", "step", "mean"] = "rollout"
     """weight noise: one draw per env per iteration (rollout), local reparameterisation per sample (step), none (mean); ignored with --residual l2"""
     prior_scale: float = 0.1
-    """c in sigma0 = c / sqrt(fan_in): the prior std of a residual weight, relative to the layer's init scale"""
+    """c in sigma0 = c / sqrt(fan_in) (or c * rms(theta at init), --prior-scale-mode init): the prior std of a residual weight, relative to the layer's init scale"""
+    prior_scale_mode: Literal["fan_in", "init"] = "fan_in"
+    """how sigma0 of a layer scales: fan_in: sigma0 = c / sqrt(fan_in); init: sigma0 = c * rms(theta at initialisation), the same relative price in every layer (heads included)"""
     sigma_init_ratio: float = 1.0
     """initial sigma / sigma0 (1: q = p at the start, so KL = 0 and every task starts as the shared network)"""
     kl_coef: float = 1.0
-    """beta: the price of one nat of KL; the loss adds beta * sum_t KL_t / batch_size to every minibatch"""
+    """beta: the price of one nat of KL; the loss adds beta * sum_t KL_t / N to every minibatch (N: --kl-samples)"""
+    kl_samples: Optional[int] = None
+    """N, the denominator of the KL term: default None = the iteration's batch size (num_envs x num_steps); a number fixes the per-sample weight beta / N whatever the rollout shape"""
     kl_warmup_frac: float = 0.0
     """warm beta up linearly over this fraction of training (0: off)"""
     l2_coef: Optional[float] = None
     """L2Soft strength lambda for every layer; default None = matched to VarShare, lambda_l = beta / (2 sigma0_l^2)"""
     eval_weight_samples: int = 0
     """also evaluate K sampled weight draws theta + mu_t + sigma_t * eps (one draw per task per evaluation pass; rollout noise only)"""
+    critic_noise: Literal["off", "same"] = "off"
+    """off: the critic is at its posterior mean theta + mu_t, no weight noise (its residuals still pay their KL); same: it takes the actor's draw"""
+    critic: Literal["varshare", "onehot"] = "varshare"
+    """varshare: a critic of VarShare layers; onehot: ppo_mtl_embed's critic (plain MLP on [observation, task one-hot]; no residual, no KL, no noise)"""
+    bias_residual: bool = False
+    """biases also carry a per-task residual (posterior mu_b, rho_b; prior sigma0 of the layer's weights); counts in the active parameters"""
+    residual_lr_scale: float = 1.0
+    """learning rate of the residual parameters (mu, rho; L2Soft's delta; bias residuals) relative to --learning-rate (their own Adam group, annealed alike)"""
+
+
+CHOICES = {"residual": ("variational", "l2"), "noise": ("rollout", "step", "mean"), "prior_scale_mode": ("fan_in", "init"),
+           "critic_noise": ("off", "same"), "critic": ("varshare", "onehot")}
 
 
 def validate(args: Args) -> None:
     mtenvs.make_suite(args.env_id)
-    for name in ["prior_scale", "sigma_init_ratio"]:
+    for name, allowed in CHOICES.items():  # tyro checks these on the command line; Args built in code (capacity helper, tests) too
+        if getattr(args, name) not in allowed:
+            raise mtrun.ArgError(f"--{name.replace('_', '-')} {getattr(args, name)!r} is not allowed; choose one of: {', '.join(allowed)}")
+    for name in ["prior_scale", "sigma_init_ratio", "residual_lr_scale"]:
         if not getattr(args, name) > 0:
             raise mtrun.ArgError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.kl_samples is not None and not args.kl_samples > 0:
+        raise mtrun.ArgError(f"--kl-samples must be a positive number of samples (or left out: the iteration's batch size), got {args.kl_samples}")
     if args.kl_coef < 0 or (args.l2_coef is not None and args.l2_coef < 0):
         raise mtrun.ArgError(f"--kl-coef and --l2-coef must be >= 0, got {args.kl_coef} and {args.l2_coef}")
     if not 0.0 <= args.kl_warmup_frac <= 1.0:
@@ -159,12 +186,13 @@ def inverse_softplus(y: float) -> float:
 
 
 class VarShareLinear(nn.Module):
-    """Shared weight theta plus a per-task residual delta_t in weight space; the bias is shared.
+    """Shared weight theta plus a per-task residual delta_t in weight space; the bias is shared (with
+    ``--bias-residual`` it carries a per-task residual too, mu_b_t and rho_b_t, with the weights' sigma0).
 
     Inputs are grouped, ``x: (G, M, in)`` with one task per group (``task_ids: (G,)``), so each sample
     goes through its own task's residual with one batched matmul. ``noise`` is this layer's weight
-    noise ``eps: (G, out, in)`` (rollout mode), its pre-activation noise ``xi: (G, M, out)`` (step
-    mode), or None (posterior mean)."""
+    noise ``eps: (G, out, in)`` (rollout mode; ``(G, out, in + 1)`` with a bias residual, the last column
+    for the bias), its pre-activation noise ``xi: (G, M, out)`` (step mode), or None (posterior mean)."""
 
     def __init__(self, in_features: int, out_features: int, num_tasks: int, init_std: float, args: Args):
         super().__init__()
@@ -172,20 +200,50 @@ class VarShareLinear(nn.Module):
         self.theta = nn.Parameter(nn.init.orthogonal_(torch.empty(out_features, in_features), init_std))
         self.bias = nn.Parameter(torch.zeros(out_features))
         self.mu = nn.Parameter(torch.zeros(num_tasks, out_features, in_features))  # L2Soft: this is delta
-        self.sigma0 = args.prior_scale / math.sqrt(in_features)
+        if args.prior_scale_mode == "init":  # the same relative price in every layer: c times the rms of theta at init
+            self.sigma0 = args.prior_scale * self.theta.detach().double().square().mean().sqrt().item()
+        else:
+            self.sigma0 = args.prior_scale / math.sqrt(in_features)
         self.variational = args.residual == "variational"
+        self.bias_residual = args.bias_residual
+        if self.bias_residual:
+            self.mu_b = nn.Parameter(torch.zeros(num_tasks, out_features))  # L2Soft: delta_b
         if self.variational:
             rho0 = inverse_softplus(args.sigma_init_ratio * self.sigma0)
             self.rho = nn.Parameter(torch.full((num_tasks, out_features, in_features), rho0))
+            if self.bias_residual:
+                self.rho_b = nn.Parameter(torch.full((num_tasks, out_features), rho0))
 
     def sigma(self) -> torch.Tensor:
         return nn.functional.softplus(self.rho)
 
+    def sigma_b(self) -> torch.Tensor:
+        return nn.functional.softplus(self.rho_b)
+
+    def residual_parameters(self) -> list[nn.Parameter]:
+        """mu, rho (L2Soft: delta), and the bias residual's mu_b, rho_b: the parameters of --residual-lr-scale."""
+        names = ["mu", "rho"] + (["mu_b", "rho_b"] if self.bias_residual else [])
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
+    def residual_mean(self) -> torch.Tensor:
+        """(T, n): each task's residual means, weights then (with --bias-residual) bias, flattened."""
+        return torch.cat([self.mu.flatten(1), self.mu_b], 1) if self.bias_residual else self.mu.flatten(1)
+
+    def residual_sigma(self) -> torch.Tensor:
+        """(T, n): the posterior std of ``residual_mean``'s entries (variational only)."""
+        return torch.cat([self.sigma().flatten(1), self.sigma_b()], 1) if self.bias_residual else self.sigma().flatten(1)
+
     def group_weight(self, task_ids, noise=None, noise_mode="mean"):
-        """(G, out, in): each group's weight, theta + mu_t (+ sigma_t * eps in rollout mode)."""
+        """(G, out, in): each group's weight, theta + mu_t (+ sigma_t * eps in rollout mode). With a bias
+        residual (G, out, in + 1): the last column is the group's bias b + mu_b_t (+ sigma_b_t * eps_b)."""
         weight = self.theta + self.mu[task_ids]  # the posterior mean of each group's task
+        if self.bias_residual:
+            weight = torch.cat([weight, (self.bias + self.mu_b[task_ids])[..., None]], -1)
         if noise_mode == "rollout" and noise is not None:
-            weight = weight + self.sigma()[task_ids] * noise
+            sigma = self.sigma()[task_ids]
+            if self.bias_residual:
+                sigma = torch.cat([sigma, self.sigma_b()[task_ids][..., None]], -1)
+            weight = weight + sigma * noise
         return weight
 
     def forward(self, x, task_ids, noise=None, noise_mode="mean", use_residual=True, weight=None):
@@ -194,63 +252,87 @@ class VarShareLinear(nn.Module):
             return x @ self.theta.T + self.bias
         if weight is None:
             weight = self.group_weight(task_ids, noise, noise_mode)
-        y = torch.baddbmm(self.bias, x, weight.transpose(1, 2))
+        if self.bias_residual:  # each group's bias is the last column
+            y = torch.baddbmm(weight[..., -1:].transpose(1, 2), x, weight[..., :-1].transpose(1, 2))
+        else:
+            y = torch.baddbmm(self.bias, x, weight.transpose(1, 2))
         if noise_mode == "step" and noise is not None:  # local reparameterisation with a stored draw
             var = torch.bmm(x * x, self.sigma()[task_ids].square().transpose(1, 2))
+            if self.bias_residual:  # var = x^2 sigma_W^2 + sigma_b^2
+                var = var + self.sigma_b()[task_ids].square()[:, None]
             y = y + torch.sqrt(var + 1e-16) * noise
         return y
 
     def kl_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per task, summed over this layer's weights, in nats: the mean part mu^2 / (2 sigma0^2) and the
-        variance part (s - 1 - ln s) / 2 with s = sigma^2 / sigma0^2 (zero for L2Soft)."""
-        mean_part = self.mu.square().sum((1, 2)) / (2 * self.sigma0**2)
+        """Per task, summed over this layer's weights (and bias residuals), in nats: the mean part
+        mu^2 / (2 sigma0^2) and the variance part (s - 1 - ln s) / 2 with s = sigma^2 / sigma0^2 (zero for L2Soft)."""
+        mean_part = self.residual_mean().square().sum(1) / (2 * self.sigma0**2)
         if not self.variational:
             return mean_part, torch.zeros_like(mean_part)
-        log_s = 2 * (torch.log(self.sigma()) - math.log(self.sigma0))
-        var_part = 0.5 * (log_s.exp() - 1 - log_s).sum((1, 2))
+        log_s = 2 * (torch.log(self.residual_sigma()) - math.log(self.sigma0))
+        var_part = 0.5 * (log_s.exp() - 1 - log_s).sum(1)
         return mean_part, var_part
 
 
 class Agent(nn.Module):
-    """Separate actor and critic MLPs of VarShare layers (heads included); per-task log-std."""
+    """Separate actor and critic MLPs of VarShare layers (heads included); per-task log-std. With
+    ``--critic onehot`` the critic is ppo_mtl_embed's (a plain MLP on [observation, task one-hot])."""
 
     def __init__(self, obs_dim: int, act_dim: int, discrete: bool, num_tasks: int, args: Args):
         super().__init__()
+        self.num_tasks = num_tasks
         self.activation = ACTIVATIONS[args.activation]()
         self.noise_mode = args.noise if args.residual == "variational" else "mean"
+        self.critic_onehot = args.critic == "onehot"
+        self.critic_noise = not self.critic_onehot and args.critic_noise == "same"  # the critic takes the actor's draw
 
         def mlp(out_dim: int, out_std: float) -> nn.ModuleList:
             dims = [obs_dim, *args.hidden_sizes]
             hidden = [VarShareLinear(i, o, num_tasks, math.sqrt(2), args) for i, o in zip(dims[:-1], dims[1:])]
             return nn.ModuleList([*hidden, VarShareLinear(dims[-1], out_dim, num_tasks, out_std, args)])
 
-        self.critic = mlp(1, 1.0)
+        def onehot_mlp(out_dim: int, out_std: float) -> nn.Sequential:  # ppo_mtl_embed's mlp with --task-encoding onehot
+            layers, d = [], obs_dim + num_tasks
+            for h in args.hidden_sizes:
+                layers += [layer_init(nn.Linear(d, h)), ACTIVATIONS[args.activation]()]
+                d = h
+            return nn.Sequential(*layers, layer_init(nn.Linear(d, out_dim), std=out_std))
+
+        self.critic = onehot_mlp(1, 1.0) if self.critic_onehot else mlp(1, 1.0)
         self.actor = mlp(act_dim, 0.01)
         self.actor_logstd = None if discrete else nn.Parameter(torch.zeros(num_tasks, act_dim))
-        self.preact_sizes = [layer.out_features for layer in [*self.actor, *self.critic]]
+        self.preact_sizes = [layer.out_features for layer in self.noisy_layers()]  # step mode: actor (then critic) layers
         self.preact_dim = sum(self.preact_sizes)
 
     def named_varshare_layers(self):
-        return [(f"{net}.{i}", layer) for net in ["actor", "critic"] for i, layer in enumerate(getattr(self, net))]
+        """The layers with a residual: actor then critic (actor only with --critic onehot)."""
+        nets = ["actor"] if self.critic_onehot else ["actor", "critic"]
+        return [(f"{net}.{i}", layer) for net in nets for i, layer in enumerate(getattr(self, net))]
+
+    def noisy_layers(self) -> list[VarShareLinear]:
+        """The layers that take weight noise: the actor's, and the critic's with --critic-noise same."""
+        return [*self.actor, *(self.critic if self.critic_noise else [])]
 
     def sample_weight_noise(self, num_groups: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Rollout mode: a standard-normal tensor of every residual's shape for each group (env)."""
-        return [torch.randn(num_groups, l.out_features, l.in_features, device=l.theta.device, generator=generator)
-                for _, l in self.named_varshare_layers()]
+        """Rollout mode: a standard-normal tensor of every noisy layer's residual shape (+ a bias column) for each group (env)."""
+        return [torch.randn(num_groups, l.out_features, l.in_features + l.bias_residual, device=l.theta.device, generator=generator)
+                for l in self.noisy_layers()]
 
     def sample_preact_noise(self, num_groups: int, num_samples: int) -> torch.Tensor:
-        """Step mode: one standard-normal draw per sample and pre-activation of every layer, (G, M, preact_dim)."""
+        """Step mode: one standard-normal draw per sample and pre-activation of every noisy layer, (G, M, preact_dim)."""
         return torch.randn(num_groups, num_samples, self.preact_dim, device=self.actor[0].theta.device)
 
     @torch.no_grad()
     def rollout_weights(self, task_ids, noise=None) -> list[torch.Tensor] | None:
         """Every layer's group weights (actor, then critic) for a rollout, where the parameters and the
         rollout-mode draw are fixed: computed once per iteration instead of at every step (bit-identical
-        to computing them in ``forward``). None in step mode (its noise is per sample)."""
+        to computing them in ``forward``); layers without noise (the critic with --critic-noise off) get theta + mu_t.
+        None in step mode (its noise is per sample)."""
         if self.noise_mode == "step":
             return None
-        per_layer = noise if noise is not None else [None] * len(self.preact_sizes)
-        return [layer.group_weight(task_ids, n, self.noise_mode) for (_, layer), n in zip(self.named_varshare_layers(), per_layer)]
+        layers = self.named_varshare_layers()
+        per_layer = [*(noise if noise is not None else []), *[None] * len(layers)]  # no noise: the posterior mean (critic-noise off)
+        return [layer.group_weight(task_ids, n, self.noise_mode) for (_, layer), n in zip(layers, per_layer)]
 
     def mlp_forward(self, layers, x, task_ids, noise, use_residual, weights=None):
         for i, layer in enumerate(layers):
@@ -260,17 +342,21 @@ class Agent(nn.Module):
         return x
 
     def split_noise(self, noise):
-        """Per-layer noise of actor and critic (the critic uses the same env's draw as the actor)."""
+        """Per-layer noise of actor and critic (with --critic-noise same the critic uses the same env's draw as
+        the actor; otherwise None: the critic is at its posterior mean)."""
         if noise is None:
             per_layer = [None] * len(self.preact_sizes)
         elif self.noise_mode == "step":
             per_layer = list(torch.split(noise, self.preact_sizes, dim=-1))
         else:
             per_layer = noise
-        return per_layer[: len(self.actor)], per_layer[len(self.actor) :]
+        return per_layer[: len(self.actor)], (per_layer[len(self.actor) :] if self.critic_noise else [None] * len(self.critic))
 
     def get_value(self, x, task_ids, noise=None, use_residual=True, weights=None):
         """x: (groups, samples, obs_dim), task_ids: (groups,) -> values (groups, samples)."""
+        if self.critic_onehot:  # ppo_mtl_embed's task_input: the one-hot of each group appended to its samples
+            onehot = nn.functional.one_hot(task_ids, self.num_tasks).to(x.dtype)
+            return self.critic(torch.cat([x, onehot[:, None].expand(-1, x.shape[1], -1)], -1)).squeeze(-1)
         w = None if weights is None else weights[len(self.actor):]
         return self.mlp_forward(self.critic, x, task_ids, self.split_noise(noise)[1], use_residual, w).squeeze(-1)
 
@@ -282,7 +368,8 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.get_value(x, task_ids, noise, use_residual, weights)
 
     def kl_per_task(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """KL_t split into (mean part, variance part), summed over layers of actor and critic: (T,), (T,)."""
+        """KL_t split into (mean part, variance part), summed over the layers of actor and critic (actor only with
+        --critic onehot): (T,), (T,)."""
         parts = [layer.kl_parts() for _, layer in self.named_varshare_layers()]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
@@ -293,36 +380,52 @@ class Agent(nn.Module):
             return beta * sum(self.kl_per_task()).sum()
         if l2_coef is None:
             return beta * self.kl_per_task()[0].sum()
-        return l2_coef * sum(layer.mu.square().sum() for _, layer in self.named_varshare_layers())
+        return l2_coef * sum(layer.residual_mean().square().sum() for _, layer in self.named_varshare_layers())
+
+
+def param_groups(agent: Agent, args: Args) -> list[dict]:
+    """Adam parameter groups: the shared parameters (theta, b, log-std, a onehot critic) at --learning-rate, and the
+    residual parameters (mu, rho; L2Soft's delta; bias residuals) at --residual-lr-scale times it."""
+    residual = [p for _, layer in agent.named_varshare_layers() for p in layer.residual_parameters()]
+    ids = {id(p) for p in residual}
+    shared = [p for p in agent.parameters() if id(p) not in ids]
+    return [{"params": shared, "lr": args.learning_rate}, {"params": residual, "lr": args.residual_lr_scale * args.learning_rate}]
 
 
 def noise_subset(noise, idx):
     """The noise of a subset of groups (envs)."""
     if noise is None:
         return None
-    return [n[idx] for n in noise] if isinstance(noise, list) else noise[idx]
+    return [None if n is None else n[idx] for n in noise] if isinstance(noise, list) else noise[idx]
 
 
 def param_counts(agent: Agent, num_tasks: int) -> dict:
-    """varshare.md section 9. Active per task: |theta| + |b| + |mu_t| + |rho_t| (L2Soft: + |delta_t|), plus the
-    task's log-std row. Inference: the merged network theta + mu_t of one task, |theta| + |b| (+ log-std row)."""
+    """varshare.md section 9. Active per task: |theta| + |b| + |mu_t| + |rho_t| (+ |mu_b_t| + |rho_b_t| with a bias
+    residual), plus the task's log-std row. L2Soft and --noise mean: |theta| + |b| + |mu_t| (+ |mu_b_t|): rho enters
+    neither the forward pass nor the data term. --critic onehot: its parameters count as shared, except the other
+    tasks' one-hot columns of its first layer (multiplied by 0), as in ppo_mtl_embed. Inference: the merged network
+    theta + mu_t of one task, |theta| + |b| (+ the onehot critic, + log-std row)."""
     layers = [layer for _, layer in agent.named_varshare_layers()]
     shared = sum(l.theta.numel() + l.bias.numel() for l in layers)
-    residual = sum(l.mu[0].numel() * (2 if l.variational else 1) for l in layers)
+    if agent.critic_onehot:
+        shared += sum(p.numel() for p in agent.critic.parameters()) - (num_tasks - 1) * agent.critic[0].out_features
+    per_weight = 1 if agent.noise_mode == "mean" else 2  # mu (and rho where sigma enters the forward pass)
+    residual = sum((l.mu[0].numel() + (l.bias.numel() if l.bias_residual else 0)) * per_weight for l in layers)
     logstd = 0 if agent.actor_logstd is None else agent.actor_logstd.shape[1]
     total = sum(p.numel() for p in agent.parameters())
     return {"active_per_task": shared + residual + logstd, "inference": shared + logstd, "total": total}
 
 
 @torch.no_grad()
-def varshare_diagnostics(agent: Agent, task_names: list[str], beta: float, batch_size: int) -> dict:
-    """varshare.md section 8, the per-iteration part."""
+def varshare_diagnostics(agent: Agent, task_names: list[str], beta: float, kl_samples: int) -> dict:
+    """varshare.md section 8, the per-iteration part (kl_samples: N of the loss's beta / N). rel_residual is
+    ||mu_t|| / ||theta|| (weights); centering, sigma ratio and confident fraction include bias residuals."""
     out = {}
     mean_part, var_part = agent.kl_per_task()
     for t, name in enumerate(task_names):
         out[f"varshare/kl_mean_part/{name}"] = mean_part[t].item()
         out[f"varshare/kl_var_part/{name}"] = var_part[t].item()
-        out[f"varshare/kl_loss_share/{name}"] = beta * (mean_part[t] + var_part[t]).item() / batch_size
+        out[f"varshare/kl_loss_share/{name}"] = beta * (mean_part[t] + var_part[t]).item() / kl_samples
     rel = []
     confident = torch.zeros(len(task_names))
     n_weights = 0
@@ -330,12 +433,13 @@ def varshare_diagnostics(agent: Agent, task_names: list[str], beta: float, batch
         mu_norm = layer.mu.flatten(1).norm(dim=1)  # (T,)
         rel.append(mu_norm / layer.theta.norm().clamp_min(1e-12))
         out[f"varshare/rel_residual_layer/{lname}"] = rel[-1].mean().item()
-        out[f"varshare/centering/{lname}"] = (layer.mu.sum(0).norm() / mu_norm.sum().clamp_min(1e-12)).item()
+        mu = layer.residual_mean()  # (T, n), bias residual included
+        out[f"varshare/centering/{lname}"] = (mu.sum(0).norm() / mu.norm(dim=1).sum().clamp_min(1e-12)).item()
         if layer.variational:
-            sigma = layer.sigma()
+            sigma = layer.residual_sigma()
             out[f"varshare/sigma_ratio_median/{lname}"] = (sigma / layer.sigma0).median().item()
-            confident += (layer.mu.abs() / sigma > 1).flatten(1).sum(1).float().cpu()
-            n_weights += layer.mu[0].numel()
+            confident += (mu.abs() / sigma > 1).sum(1).float().cpu()
+            n_weights += mu.shape[1]
     rel = torch.stack(rel).mean(0)
     for t, name in enumerate(task_names):
         out[f"varshare/rel_residual/{name}"] = rel[t].item()
@@ -367,8 +471,8 @@ def policy_divergence(agent: Agent, obs: torch.Tensor, task_ids: torch.Tensor, t
 
 @torch.no_grad()
 def residual_cosine(agent: Agent) -> list[list[float]]:
-    """Cross-task cosine similarity of the residual means, all layers flattened: (T, T)."""
-    mu = torch.cat([layer.mu.flatten(1) for _, layer in agent.named_varshare_layers()], 1)
+    """Cross-task cosine similarity of the residual means, all layers (and bias residuals) flattened: (T, T)."""
+    mu = torch.cat([layer.residual_mean() for _, layer in agent.named_varshare_layers()], 1)
     unit = mu / mu.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (unit @ unit.T).cpu().tolist()
 
@@ -401,12 +505,15 @@ def main(args: Args) -> None:
 
     # ---- networks
     agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
+    optimizer = optim.Adam(param_groups(agent, args), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # shared, residual (--residual-lr-scale)
     params = param_counts(agent, num_tasks)
     noise_mode = agent.noise_mode  # "mean" for --residual l2
+    kl_samples = args.kl_samples if args.kl_samples is not None else batch_size  # N of the KL term's beta / N
     derived = {"num_tasks": num_tasks, "num_envs": num_envs, "batch_size": batch_size, "minibatch_size": batch_size // args.num_minibatches,
                "num_iterations": num_iterations, "final_step": num_iterations * batch_size, "params": params, "device": str(device),
-               "noise_mode": noise_mode, "sigma0": {n: l.sigma0 for n, l in agent.named_varshare_layers()}}
+               "noise_mode": noise_mode, "sigma0": {n: l.sigma0 for n, l in agent.named_varshare_layers()},
+               "kl_samples": kl_samples, "kl_weight_per_sample": args.kl_coef / kl_samples}
 
     # ---- run directory, resume
     run = mtrun.Run(args, ALGO, suite.task_names, derived)
@@ -477,7 +584,8 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration, num_iterations + 1):
         iteration_start_step = global_step
         if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * base_lr
         beta = args.kl_coef * (min(1.0, iteration_start_step / (args.kl_warmup_frac * num_iterations * batch_size)) if args.kl_warmup_frac > 0 else 1.0)
         # weight noise of this iteration: one draw per env, used for its whole rollout and in every update epoch (section 5)
         eps = agent.sample_weight_noise(num_envs) if noise_mode == "rollout" else None
@@ -563,7 +671,7 @@ def main(args: Args) -> None:
                 else:
                     v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
                 entropy_loss = entropy.mean()
-                residual_loss = agent.residual_penalty(beta, args.l2_coef) / batch_size  # full KL of every task, scaled by beta / N
+                residual_loss = agent.residual_penalty(beta, args.l2_coef) / kl_samples  # full KL of every task, scaled by beta / N
                 loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + residual_loss
                 nonfinite |= ~torch.isfinite(loss)
 
@@ -581,11 +689,11 @@ def main(args: Args) -> None:
         pg, vl, ent, kl, cf, rl = torch.stack(stats).mean(0).tolist()
         sps = (global_step - start_step) / (time.time() - start_time)
         run.log({"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps, "charts/rollout_SPS": batch_size / rollout_time,
-                 "charts/gradient_steps": gradient_steps, "charts/wall_clock_s": time.time() - run.start_time,
+                 "charts/residual_learning_rate": optimizer.param_groups[1]["lr"], "charts/gradient_steps": gradient_steps, "charts/wall_clock_s": time.time() - run.start_time,
                  "losses/policy_loss": pg, "losses/value_loss": vl, "losses/entropy": ent, "losses/approx_kl": kl, "losses/clipfrac": cf,
                  "losses/explained_variance": explained_variance(values_buf.ravel(), returns.ravel()),
                  "debug/first_minibatch_max_ratio_dev": float(first_ratio_dev), "losses/residual_penalty": rl, "varshare/beta": beta,
-                 **varshare_diagnostics(agent, suite.task_names, beta, batch_size), **episodes.scalars()}, global_step)
+                 **varshare_diagnostics(agent, suite.task_names, beta, kl_samples), **episodes.scalars()}, global_step)
         if iteration == num_iterations or (args.eval_every and global_step // args.eval_every > iteration_start_step // args.eval_every):
             last_eval = evaluate(global_step)
             progress.update(global_step, sps, f"eval success {last_eval['mean_success']:.2f} return {last_eval['mean_return']:.1f}", force=True)
@@ -597,6 +705,7 @@ def main(args: Args) -> None:
         last_eval = evaluate(global_step)
     run.finish({"total_steps": global_step, "final_success": last_eval["success"], "final_return": last_eval["return"],
                 "mean_success": last_eval["mean_success"], "mean_return": last_eval["mean_return"], "params": params,
+                "sigma0": derived["sigma0"], "kl_weight_per_sample": derived["kl_weight_per_sample"],
                 "final_theta_success": last_eval.get("theta_success"), "final_specialisation": last_eval.get("specialisation"),
                 "residual_cosine": residual_cosine(agent), "final_kl": {k: v for k, v in varshare_diagnostics(agent, suite.task_names, 1.0, 1).items() if "kl_mean" in k or "kl_var" in k},
                 "wall_clock_s": time.time() - run.start_time, "mean_SPS": (global_step - start_step) / max(time.time() - start_time, 1e-9)})

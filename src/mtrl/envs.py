@@ -89,6 +89,60 @@ def make_cartpole(gravity, masscart, masspole, length, force_mag, reversed_actio
     return env
 
 
+class CartPoleTarget(gym.Wrapper):
+    """CartPole whose task is to hold the cart near a target position ``x*`` that is NOT observed.
+
+    Reward per step: ``max(0, 1 - |x - x*| / 2.4)`` (1 at the target, falling linearly with the distance;
+    the step that terminates pays it too, as CartPole pays its 1). Termination and the 500-step limit are
+    CartPole's. ``info["success"]`` is True on the last step of an episode that reached the time limit
+    with a mean ``|x - x*|`` of at most ``tolerance`` over its last ``window`` steps (False elsewhere), so
+    the suite's success rule is ``info_success``."""
+
+    def __init__(self, env: gym.Env, target: float, tolerance: float = 0.25, window: int = 100):
+        super().__init__(env)
+        self.target, self.tolerance, self.window = float(target), float(tolerance), int(window)
+        self._dist = np.zeros(self.window)
+        self._n = 0
+
+    def reset(self, **kwargs):
+        self._n = 0
+        obs, info = self.env.reset(**kwargs)
+        info["success"] = False
+        return obs, info
+
+    def step(self, action):
+        obs, _reward, terminated, truncated, info = self.env.step(action)
+        dist = abs(float(obs[0]) - self.target)
+        self._dist[self._n % self.window] = dist
+        self._n += 1
+        info["success"] = bool(truncated and not terminated and self._n >= self.window and self._dist.mean() <= self.tolerance)
+        return obs, max(0.0, 1.0 - dist / 2.4), terminated, truncated, info
+
+
+# name: (physics of CARTPOLE_MT10, target cart position x*); protocol.md section 1
+CARTPOLE_TARGETS_MT10 = {
+    "standard": ("standard", 0.0),
+    "high-gravity": ("high-gravity", 0.0),
+    "low-gravity": ("low-gravity", 0.0),
+    "heavy-cart": ("heavy-cart", 0.0),
+    "long-pole": ("long-pole", 0.0),
+    "short-pole": ("short-pole", 0.0),
+    "standard-right": ("standard", 1.0),
+    "long-pole-right": ("long-pole", 1.0),
+    "standard-left": ("standard", -1.0),
+    "long-pole-left": ("long-pole", -1.0),
+}
+
+
+# the test-sized variant (the learning tests use it): one physics, three targets, so a task-blind policy
+# (one resting position) can succeed on at most one of the three tasks
+CARTPOLE_TARGETS_MT3 = {name: CARTPOLE_TARGETS_MT10[name] for name in ("standard", "standard-right", "standard-left")}
+
+
+def make_cartpole_target(physics: str, target: float) -> gym.Env:
+    return CartPoleTarget(make_cartpole(*CARTPOLE_MT10[physics]), target)
+
+
 # name: (gravity, enable_wind, wind_power, turbulence_power, side engines exchanged)
 # LunarLander actions: 0 noop, 1 left orientation engine, 2 main engine, 3 right orientation engine.
 LUNARLANDER_MT10 = {
@@ -180,7 +234,13 @@ def _eval_env(env: gym.Env) -> gym.Env:
 # ----------------------------------------------------------------------------------------------
 # resolving an id
 # ----------------------------------------------------------------------------------------------
-TOY_SUITES = {"toy/CartPole-MT10": CARTPOLE_MT10, "toy/LunarLander-MT10": LUNARLANDER_MT10}
+# id: (task table, env factory, success rule, return threshold)
+TOY_SUITES = {
+    "toy/CartPole-MT10": (CARTPOLE_MT10, make_cartpole, "reached_time_limit", 0.0),
+    "toy/CartPole-Targets-MT10": (CARTPOLE_TARGETS_MT10, make_cartpole_target, "info_success", 0.0),
+    "toy/CartPole-Targets-MT3": (CARTPOLE_TARGETS_MT3, make_cartpole_target, "info_success", 0.0),
+    "toy/LunarLander-MT10": (LUNARLANDER_MT10, make_lunarlander, "return_threshold", 200.0),
+}
 GYM_SINGLE = ("CartPole-v1", "LunarLander-v3")
 
 
@@ -198,10 +258,8 @@ def make_suite(env_id: str, task: str | None = None, seed: int = 0) -> Suite:
         rule, thr = ("reached_time_limit", 0.0) if env_id == "CartPole-v1" else ("return_threshold", 200.0)
         suite = Suite(env_id, (Task(env_id, lambda s=0, e=env_id: gym.make(e)),), rule, thr)
     elif env_id in TOY_SUITES:
-        table = TOY_SUITES[env_id]
-        maker = make_cartpole if "CartPole" in env_id else make_lunarlander
-        tasks = tuple(Task(n, lambda s=0, p=p: maker(*p)) for n, p in table.items())
-        rule, thr = ("reached_time_limit", 0.0) if "CartPole" in env_id else ("return_threshold", 200.0)
+        table, maker, rule, thr = TOY_SUITES[env_id]
+        tasks = tuple(Task(n, lambda s=0, p=p, maker=maker: maker(*p)) for n, p in table.items())
         suite = Suite(env_id, tasks, rule, thr)
     elif env_id.startswith("metaworld/"):
         name = env_id[len("metaworld/") :]
