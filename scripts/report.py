@@ -75,7 +75,7 @@ def load_runs(runs_dirs: list[Path]) -> tuple[list[dict], list[str]]:
             label = m["label"] if m else config["algo"]
             run = {"dir": run_dir, "config": config, "summary": s, "label": label, "seed": config["args"]["seed"],
                    "task": config["args"].get("task"), "env_id": config["args"]["env_id"], "evals": evals}
-            key = (run["env_id"], label, run["seed"], run["task"])
+            key = (run["env_id"], label, run["seed"], run["task"] or (m["task"] if m else None))  # LOO: <label>__loo-<task>__<regime>__s<seed>
             if key in seen:
                 warnings_.append(f"{run_dir}: the same run as {seen[key]} (benchmark, method, seed, task); only the first is used")
                 continue
@@ -203,6 +203,13 @@ def wall_clock_and_sps(runs: list[dict], num_tasks: int) -> tuple[float, float]:
     return wall, float(np.mean([r["summary"]["mean_SPS"] for r in runs]))
 
 
+def warnings_section(warnings_: list[str], heading: str) -> list[str]:
+    """Print every warning to stderr; return the report's section that lists them ([] without warnings)."""
+    for w in warnings_:
+        print(f"warning: {w}", file=sys.stderr)
+    return [f"## Warnings: {heading}", "", *[f"- {w}" for w in warnings_], ""] if warnings_ else []
+
+
 def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000, tuning: bool = False,
                  tuning_report: Path | None = None) -> str:
     from rliable import metrics
@@ -220,10 +227,7 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
              "Final success rate per task (last evaluation). Mean and IQM over runs x tasks, 95% stratified bootstrap "
              f"CIs ({reps} reps, rliable). Parameters: active per task, inference (one task's deployed network), total stored. "
              "Wall clock: minutes per seed (the oracle: its T task runs together).", ""]
-    for w in warnings_:
-        print(f"warning: {w}", file=sys.stderr)
-    if warnings_:
-        lines += ["## Warnings: missing, unfinished or partial runs (not in the numbers below)", "", *[f"- {w}" for w in warnings_], ""]
+    lines += warnings_section(warnings_, "missing, unfinished or partial runs (not in the numbers below)")
     summary_rows, task_rows = [], []
     for env_id in sorted({k[0] for k in scores}):
         keys = sorted((k for k in scores if k[0] == env_id), key=lambda k: k[1])
@@ -282,6 +286,7 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
             if plot_varshare(env_id, k[1], members[k], out):
                 lines += [f"VarShare diagnostics of {k[1]} (per task, mean over seeds): KL(q_t || p) and ||mu_t|| / ||theta||.", "",
                           f"![{k[1]} diagnostics](varshare_{stem}_{k[1]}.png)", ""]
+            lines += residual_directions(env_id, k[1], members[k], out)
     if tuning_report is not None:  # its tables, headings two levels down
         lines += [f"## Hyperparameter tuning ({tuning_report})", ""]
         lines += [("##" + line if line.startswith("#") else line) for line in tuning_report.read_text().splitlines()] + [""]
@@ -327,6 +332,42 @@ def plot_varshare(env_id: str, label: str, runs: list[dict], out: Path) -> bool:
     return True
 
 
+def residual_directions(env_id: str, label: str, runs: list[dict], out: Path) -> list[str]:
+    """VarShare and L2Soft runs (``residual_cosine`` in summary.json): the task x task cosine similarity of the
+    per-task residual means (all layers flattened), mean over seeds, as a heatmap, and each task's final KL
+    (VarShare) per seed. Returns the report lines ([] for other methods)."""
+    if not all(r["summary"].get("residual_cosine") for r in runs):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(runs[0]["summary"]["final_success"])
+    cos = np.mean([np.asarray(r["summary"]["residual_cosine"]) for r in runs], 0)
+    stem = f"residual_cosine_{env_id.replace('/', '-')}_{label}"
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    for i in range(len(tasks)):
+        for j in range(len(tasks)):
+            ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=5)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(f"{label}: cosine of residual means, task x task ({len(runs)} seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=120)
+    plt.close(fig)
+    lines = [f"Residual directions of {label} (cosine similarity of the per-task residual means, all layers flattened, "
+             f"mean over {len(runs)} seeds; where a task's residual is zero its row is 0):", "", f"![{label} residual directions]({stem}.png)", ""]
+    kl = [r["summary"].get("final_kl") or {} for r in runs]
+    if all(kl):
+        total = {t: [k.get(f"varshare/kl_mean_part/{t}", 0.0) + k.get(f"varshare/kl_var_part/{t}", 0.0) for k in kl] for t in tasks}
+        lines += [f"Final KL(q_t || p) per task of {label}, nats (mean over seeds; seeds in brackets):", "", "| task | KL | per seed |", "|---|---:|---|"]
+        lines += [f"| {t} | {np.mean(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |" for t, v in total.items()] + [""]
+    return lines
+
+
 def plot_benchmark(env_id: str, curves: dict, score_dict: dict, out: Path, reps: int) -> None:
     import matplotlib
 
@@ -369,6 +410,15 @@ def plot_benchmark(env_id: str, curves: dict, score_dict: dict, out: Path, reps:
     plt.close(fig)
 
 
+def check_inputs(runs_dirs: list[Path], reps: int) -> None:
+    """Exit with an error unless every --runs-dir folder exists and --reps is at least 100."""
+    for d in runs_dirs:
+        if not d.is_dir():
+            raise SystemExit(f"error: --runs-dir {d}: no such folder")
+    if reps < 100:
+        raise SystemExit(f"error: --reps {reps}: use at least 100 bootstrap repetitions")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-dir", type=Path, nargs="+", required=True, help="folder(s) holding run folders")
@@ -378,11 +428,7 @@ def main() -> None:
     p.add_argument("--tuning", action="store_true", help="read a pure tuning runs dir (seeds >= 101); without it such runs are refused")
     p.add_argument("--tuning-report", type=Path, default=None, help="a tuning.md of scripts/tune.py to include in report.md")
     a = p.parse_args()
-    for d in a.runs_dir:
-        if not d.is_dir():
-            raise SystemExit(f"error: --runs-dir {d}: no such folder")
-    if a.reps < 100:
-        raise SystemExit(f"error: --reps {a.reps}: use at least 100 bootstrap repetitions")
+    check_inputs(a.runs_dir, a.reps)
     print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps, a.tuning, a.tuning_report))
 
 

@@ -23,6 +23,7 @@
 #   --dry-run              print each run's command (or write the sbatch file) and stop
 #   --slurm                write one sbatch array script (one array task per run) and submit it if sbatch exists
 #   --partition P, --time T, --cpus N (default 1), --gpus N (default 0), --max-parallel N (default 64): Slurm resources
+#   --grid-args "ARGS"     more arguments for scripts/sweep_grid.py (scripts/loo.sh: "--loo pretrain|transfer --held-out ...")
 #
 # Every run has a fixed name (<label>__s<seed>, oracle <label>__<task>__s<seed>) under the runs dir, so a
 # sweep launched again skips runs whose summary.json exists, resumes runs that have a checkpoint, and
@@ -44,11 +45,11 @@ die() { echo "sweep.sh: error: $*" >&2; exit 2; }
 is_int() { [[ $1 =~ ^[0-9]+$ ]]; }
 
 CONFIG="" METHODS="" SEEDS="" RUNS="" BUDGET="" JOBS=1 DRY=0 SLURM=0 TUNE=0
-PARTITION="" TIME="" CPUS=1 GPUS=0 MAXPAR=64 GRID_FILE="" INDEX=""
+PARTITION="" TIME="" CPUS=1 GPUS=0 MAXPAR=64 GRID_FILE="" INDEX="" GRID_ARGS=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --config|--methods|--seeds|--runs-dir|--total-timesteps|-j|--jobs|--partition|--time|--cpus|--gpus|--max-parallel|--grid-file|--run-index)
+    --config|--methods|--seeds|--runs-dir|--total-timesteps|-j|--jobs|--partition|--time|--cpus|--gpus|--max-parallel|--grid-file|--run-index|--grid-args)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)" ;;&
     --config) CONFIG=${2-}; shift 2 ;;
     --methods) METHODS=${2-}; shift 2 ;;
@@ -64,6 +65,7 @@ while [ $# -gt 0 ]; do
     --cpus) CPUS=${2-}; shift 2 ;;
     --gpus) GPUS=${2-}; shift 2 ;;
     --max-parallel) MAXPAR=${2-}; shift 2 ;;
+    --grid-args) GRID_ARGS=${2-}; shift 2 ;;
     --grid-file) GRID_FILE=${2-}; shift 2 ;;   # internal: one Slurm array task
     --run-index) INDEX=${2-}; shift 2 ;;       # internal: one Slurm array task
     --) shift; EXTRA=("$@"); break ;;
@@ -89,6 +91,17 @@ run_command() {  # name algo args -> prints the command as a shell-quoted line, 
 
 note_status() { [ -z "${STATUS_DIR:-}" ] || echo "$1" >"$STATUS_DIR/$name"; }  # this sweep's own tally
 
+tally() {  # this sweep's progress after a run ended: runs done of all, and the time left at the rate so far
+  [ -n "${STATUS_DIR:-}" ] || return 0
+  [ "${1:-}" != ran ] || touch "$STATUS_DIR/.ran.$name"
+  local done ran left
+  done=$(find "$STATUS_DIR" -maxdepth 1 -type f ! -name '.ran.*' | wc -l)
+  ran=$(find "$STATUS_DIR" -maxdepth 1 -type f -name '.ran.*' | wc -l)
+  left=""
+  [ "$ran" = 0 ] || left=", about $(( ($(date +%s) - SWEEP_START) * (N - done) / ran / 60 )) min left"
+  echo " | $done/$N runs done$left"
+}
+
 run_one() {  # name algo args -> runs it to completion, output to its log; prints one status line
   # Locally (SUPERVISE=1) the run gets its own session, so a Ctrl-C reaches only the sweep, which passes
   # one SIGTERM on (a second signal would stop the run without its final checkpoint). Under Slurm the
@@ -104,7 +117,7 @@ run_one() {  # name algo args -> runs it to completion, output to its log; print
     note_status busy; echo "[busy]    $name (running in another sweep; left alone)"; return 0
   fi
   cmd=$(run_command "$name" "$algo" "$args")
-  if [ -z "$cmd" ]; then note_status 0; echo "[done]    $name"; return 0; fi
+  if [ -z "$cmd" ]; then note_status 0; echo "[done]    $name$(tally)"; return 0; fi
   if [ -e "$dir" ] && [ ! -f "$dir/checkpoints/latest.pt" ]; then mv -T -- "$dir" "$dir.incomplete-$(date +%s%N)" || return 1; fi
   t0=$(date +%s)
   echo "\$ $cmd" >>"$log"
@@ -125,7 +138,7 @@ run_one() {  # name algo args -> runs it to completion, output to its log; print
   local status="exit $code"
   [ "$code" = 0 ] && status=ok
   [ "$code" = 130 ] || [ "$code" = 143 ] && status=stopped
-  printf '[%-7s] %s (%s s, log %s)\n' "$status" "$name" "$(( $(date +%s) - t0 ))" "$log"
+  printf '[%-7s] %s (%s s, log %s)%s\n' "$status" "$name" "$(( $(date +%s) - t0 ))" "$log" "$(tally ran)"
   return $code
 }
 
@@ -155,11 +168,12 @@ SUFFIX=""; [ $TUNE = 0 ] || SUFFIX=_tuning
 RUNS=${RUNS:-runs/$(basename "$CONFIG" .toml)$SUFFIX}
 [[ $RUNS = /* ]] || RUNS="$REPO/$RUNS"
 
-grid_args=(--config "$CONFIG")
+grid_args=(--config "$CONFIG" --runs-dir "$RUNS")
 [ -z "$SEEDS" ] || grid_args+=(--seeds ${SEEDS//,/ })   # default: 1-5, with --tune the [tuning] table's
 [ $TUNE = 0 ] || grid_args+=(--tune)
 [ -z "$METHODS" ] || grid_args+=(--methods ${METHODS//,/ })
 [ -z "$BUDGET" ] || grid_args+=(--total-timesteps "$BUDGET")
+[ -z "$GRID_ARGS" ] || grid_args+=($GRID_ARGS)   # word-split on purpose: task names hold no spaces
 GRID=$("$PY" scripts/sweep_grid.py "${grid_args[@]}" -- "${EXTRA[@]}") || exit 2
 N=$(printf '%s\n' "$GRID" | wc -l)
 mixed=$( { cat "$RUNS/grid.tsv" 2>/dev/null; printf '%s\n' "$GRID"; } | awk -F'\t' '  # tuning seeds (>= 101) never share a runs dir with report seeds
@@ -217,6 +231,7 @@ fi
 # ---- local: -j N at a time; Ctrl-C (or SIGTERM) stops the running runs with a checkpoint ----
 echo "$N runs, $JOBS at a time, into $RUNS (logs in $RUNS/logs)"
 start=$(date +%s)
+SWEEP_START=$start
 STATUS_DIR=$(mktemp -d)
 trap 'rm -rf "$STATUS_DIR"' EXIT
 STOP=0

@@ -19,8 +19,22 @@ one) come from the table. ``[tuning]`` format (every tuned method the same numbe
     [tuning.varshare]               # a [methods] label; configuration name = flags appended to the preset's
     "c0.1_b1" = ["--prior-scale", "0.1", "--kl-coef", "1"]
 
+``--loo pretrain|transfer`` expands the config's ``[loo]`` table instead (leave-one-task-out, protocol.md section 7;
+scripts/loo.sh runs both phases; context/loo.md): per held-out task k x method x seed, phase ``pretrain`` is the
+pre-training on every task but k (``--train-tasks``, (T-1)/T of the multi-task budget), named
+``<label>__loo-<k>__pretrain__s<seed>``, plus the scratch run of k (the single-task oracle run itself,
+``<single label>__<k>__s<seed>``); phase ``transfer`` needs phase 1 finished: ``--train-tasks k --init-from <runs
+dir>/<pretrain run> --transfer finetune|task-only`` at the oracle's per-task budget and evaluation grid, named
+``<label>__loo-<k>__<regime>__s<seed>``. ``[loo]`` format::
+
+    [loo]
+    held_out = ["short-pole", "long-pole-right"]   # tasks of the suite, fixed before any run
+    methods = ["mtl_embed", "varshare"]            # [methods] labels of multi-task methods
+    transfer_budget = 499_712                      # the oracle's per-task budget ([ppo_single] total_timesteps)
+
     python scripts/sweep_grid.py --config configs/toy_cartpole_mt10.toml --seeds 1-2 -- --eval-episodes 5
     python scripts/sweep_grid.py --config configs/toy_cartpole_targets_mt10.toml --tune --methods varshare
+    python scripts/sweep_grid.py --config configs/toy_cartpole_targets_mt10.toml --loo transfer --runs-dir runs/x_loo --held-out short-pole
 """
 
 from __future__ import annotations
@@ -117,6 +131,101 @@ def read_tuning(config: Path, methods: dict[str, list[str]] | None = None) -> di
     return {"seeds": seeds, "total_timesteps": budget, "methods": grids}
 
 
+LOO_REGIMES = ("finetune", "task-only")  # phase 2; scratch (the oracle run) is in phase 1, zero-shot is the pre-training's evaluation
+
+
+def read_loo(config: Path, methods: dict[str, list[str]]) -> dict:
+    """The config's ``[loo]`` table, validated, with the budgets: ``{"held_out", "methods", "transfer_budget",
+    "pretrain_budget", "single_label", "task_names"}``."""
+    from mtrl.envs import make_suite
+
+    data = tomllib.loads(config.read_text())
+    table = data.get("loo")
+    if not isinstance(table, dict):
+        fail(f"{config} has no [loo] table (held_out = [tasks...], methods = [labels...], transfer_budget = steps)")
+    unknown = [k for k in table if k not in ("held_out", "methods", "transfer_budget")]
+    if unknown:
+        fail(f"[loo] {', '.join(unknown)} in {config}: unknown key(s); allowed: held_out, methods, transfer_budget")
+    names = make_suite(data.get("env_id", "")).task_names if data.get("env_id") else []
+    held_out = table.get("held_out")
+    if not isinstance(held_out, list) or not held_out or any(t not in names for t in held_out):
+        fail(f"[loo] held_out = {held_out!r} in {config}: a non-empty list of tasks of {data.get('env_id')}; allowed: {', '.join(names)}")
+    labels = table.get("methods")
+    if not isinstance(labels, list) or not labels:
+        fail(f"[loo] methods = {labels!r} in {config}: a non-empty list of [methods] labels")
+    def has_slots(spec: list[str]) -> bool:  # a multi-task method whose network has task slots (not the task-blind control)
+        return spec[0] != "ppo_single" and "--task-encoding none" not in " ".join(spec)
+
+    bad = [label for label in labels if label not in methods or not has_slots(methods[label])]
+    if bad:
+        fail(f"[loo] methods: {', '.join(map(repr, bad))} in {config}: not [methods] presets of multi-task methods with task slots; "
+             f"allowed: {', '.join(m for m, spec in methods.items() if has_slots(spec))}")
+    singles = [m for m, s in methods.items() if s == ["ppo_single"]]
+    if not singles:
+        fail(f"{config}: the scratch regime is the single-task oracle run; add single = [\"ppo_single\"] to [methods]")
+    oracle = data.get("ppo_single", {}).get("total_timesteps")
+    budget = table.get("transfer_budget")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0 or (oracle is not None and budget != oracle):
+        fail(f"[loo] transfer_budget = {budget!r} in {config}: the oracle's per-task budget, a positive whole number equal to "
+             f"[ppo_single] total_timesteps ({oracle}), so that transfer and scratch get the same steps")
+    total = data.get("total_timesteps")
+    if not isinstance(total, int):
+        fail(f"{config}: the LOO pre-training budget is (T-1)/T of the top-level total_timesteps, which is missing")
+    # transfer runs are evaluated and checkpointed as the oracle runs are ([ppo_single], else the top level), so that
+    # transfer and scratch curves share their steps
+    single, grid = data.get("ppo_single", {}), []
+    for key in ("eval_every", "checkpoint_every"):
+        value = single.get(key, data.get(key))
+        grid += [] if value is None else [f"--{key.replace('_', '-')}", str(value)]
+    return {"held_out": held_out, "methods": labels, "transfer_budget": budget, "pretrain_budget": total * (len(names) - 1) // len(names),
+            "single_label": singles[0], "task_names": names, "oracle_grid": grid}
+
+
+def build_loo_grid(config: Path, phase: str, labels: list[str] | None, seeds: list[int] | None, total_timesteps: int | None,
+                   extra: list[str], held_out: list[str] | None, runs_dir: str | None) -> list[tuple[str, str, list[str]]]:
+    """The LOO runs of one phase, seed-major then held-out task (see the module docstring). ``total_timesteps`` (the
+    multi-task budget) overrides the config's: pre-training gets N (T-1) / T, transfer and scratch N / T."""
+    methods = read_methods(config)
+    loo = read_loo(config, methods)
+    seeds = seeds or [1, 2, 3, 4, 5]
+    high = [s for s in seeds if s >= TUNING_SEED_MIN]
+    if high:
+        fail(f"--seeds {', '.join(map(str, high))}: seeds >= {TUNING_SEED_MIN} are tuning seeds, never reported")
+    labels = labels or loo["methods"]
+    unknown = [m for m in labels if m not in loo["methods"]]
+    if unknown:
+        fail(f"--methods {' '.join(unknown)}: not in the [loo] methods of {config}; allowed: {', '.join(loo['methods'])}")
+    held_out = held_out or loo["held_out"]
+    unknown = [t for t in held_out if t not in loo["held_out"]]
+    if unknown:
+        fail(f"--held-out {' '.join(unknown)}: not among the [loo] held_out tasks of {config} (fixed before any run); allowed: {', '.join(loo['held_out'])}")
+    num_tasks = len(loo["task_names"])
+    pretrain = loo["pretrain_budget"] if total_timesteps is None else total_timesteps * (num_tasks - 1) // num_tasks
+    transfer = loo["transfer_budget"] if total_timesteps is None else total_timesteps // num_tasks
+    if phase == "transfer" and not runs_dir:
+        fail("--loo transfer needs --runs-dir (the pre-training runs that --init-from names)")
+    grid = []
+    for seed in seeds:
+        for task in held_out:
+            common = ["--config", str(config)]
+            if phase == "pretrain":
+                others = [t for t in loo["task_names"] if t != task]
+                for label in labels:
+                    algo, *flags = methods[label]
+                    grid.append((f"{label}__loo-{task}__pretrain__s{seed}", algo, [*common, *flags, "--seed", str(seed), "--train-tasks", *others,
+                                                                                "--total-timesteps", str(pretrain), *extra]))
+                grid.append((f"{loo['single_label']}__{task}__s{seed}", "ppo_single",
+                             [*common, "--seed", str(seed), "--task", task, "--total-timesteps", str(transfer), *extra]))
+                continue
+            for label in labels:
+                algo, *flags = methods[label]
+                source = str(Path(runs_dir) / f"{label}__loo-{task}__pretrain__s{seed}")
+                for regime in LOO_REGIMES:
+                    grid.append((f"{label}__loo-{task}__{regime}__s{seed}", algo, [*common, *flags, "--seed", str(seed), "--train-tasks", task, "--init-from",
+                                                                                 source, "--transfer", regime, "--total-timesteps", str(transfer), *loo["oracle_grid"], *extra]))
+    return grid
+
+
 def check_tuning_seeds(seeds: list[int], what: str) -> None:
     low = [s for s in seeds if s < TUNING_SEED_MIN]
     if low:
@@ -174,6 +283,10 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", default=None, help="seeds, e.g. 1 2 3 or 1-10 (default 1-5; --tune: the [tuning] table's)")
     p.add_argument("--total-timesteps", type=int, default=None, help="multi-task budget; oracle runs get budget // num_tasks")
     p.add_argument("--tune", action="store_true", help="the [tuning] table's methods x configurations x tuning seeds")
+    p.add_argument("--loo", choices=["pretrain", "transfer"], default=None,
+                   help="the [loo] table's leave-one-task-out runs: phase 1 (pre-training and scratch) or phase 2 (finetune, task-only)")
+    p.add_argument("--held-out", nargs="+", default=None, help="with --loo: these of the [loo] held_out tasks (default: all)")
+    p.add_argument("--runs-dir", default=None, help="the sweep's runs dir (with --loo transfer: where the pre-training runs are)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -183,7 +296,14 @@ def main() -> None:
         fail(f"--total-timesteps {a.total_timesteps}: must be a positive number of environment steps")
     methods = [m for item in a.methods for m in item.replace(",", " ").split()] if a.methods else None
     seeds = parse_seeds(a.seeds) if a.seeds else None
-    for name, algo, args in build_grid(a.config, methods, seeds, a.total_timesteps, extra, tune=a.tune):
+    if a.loo and a.tune:
+        fail("--loo and --tune are separate studies; give one of them")
+    held_out = [t for item in a.held_out for t in item.replace(",", " ").split()] if a.held_out else None
+    if held_out and not a.loo:
+        fail("--held-out goes with --loo")
+    grid = (build_loo_grid(a.config, a.loo, methods, seeds, a.total_timesteps, extra, held_out, a.runs_dir) if a.loo
+            else build_grid(a.config, methods, seeds, a.total_timesteps, extra, tune=a.tune))
+    for name, algo, args in grid:
         print(f"{name}\t{algo}\t{shlex.join(args)}")
 
 

@@ -5,6 +5,8 @@ convention, default), as a learned embedding, or not at all (``--task-encoding n
 control). Everything else is the PPO backbone of ppo_single (baselines.md sections 0 and 2), with
 ``envs_per_task`` environments per task and env-stratified minibatches (every task in every
 minibatch). This file is the template the other multi-task scripts are diffs of.
+LOO (``--train-tasks``, ``--init-from``, ``--transfer``): task k's slot is column k of the one-hot input of the first layer of
+actor and critic (row k of both embeddings with ``--task-encoding embedding``) and row k of the log-std (``task_slots``).
 Run: ``python src/algos/ppo_mtl_embed.py --config configs/toy_cartpole_mt10.toml``.
 """
 
@@ -68,6 +70,14 @@ class Args:
     """deterministic evaluation episodes per task"""
     checkpoint_every: int = 50_000
     """write checkpoints/latest.pt every this many environment steps (0: only at the end and on SIGTERM/SIGINT)"""
+
+    # ---- leave-one-task-out (protocol.md section 7, context/loo.md)
+    train_tasks: Optional[tuple[str, ...]] = None
+    """the tasks that get environments and data (default: every task of the suite); the network keeps every task's slot, other tasks' slots stay exactly as they are, evaluation covers every task"""
+    init_from: Optional[str] = None
+    """a finished run (same algorithm, suite, widths, activation, method options) whose final weights and normalisation statistics this run starts from; fresh optimiser, step 0, evaluated at step 0"""
+    transfer: Literal["finetune", "task-only"] = "finetune"
+    """finetune: every parameter trains; task-only (needs --init-from): only the train tasks' slots (see the docstring), every shared parameter frozen"""
 
     # ---- environments and preprocessing
     envs_per_task: int = 4
@@ -183,13 +193,27 @@ def param_counts(agent: Agent, num_tasks: int) -> dict:
     return {"active_per_task": total - (num_tasks - 1) * per_task_only, "inference": total, "total": total}
 
 
+def task_slots(agent: Agent) -> list[tuple[torch.Tensor, int, int]]:
+    """Each task's own entries for LOO (protocol.md section 7), as (parameter, dim, offset): task t's entry is index
+    offset + t along dim. The one-hot column of the first layer of actor and critic (or the task's row of both
+    embeddings) and the task's log-std row; with --task-encoding none only the log-std row."""
+    slots = [] if agent.actor_logstd is None else [(agent.actor_logstd, 0, 0)]
+    if agent.encoding == "onehot":
+        obs_dim = agent.actor[0].in_features - agent.num_tasks
+        slots += [(agent.actor[0].weight, 1, obs_dim), (agent.critic[0].weight, 1, obs_dim)]
+    elif agent.encoding == "embedding":
+        slots += [(agent.actor_embedding.weight, 0, 0), (agent.critic_embedding.weight, 0, 0)]
+    return slots
+
+
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     suite = mtenvs.make_suite(args.env_id, None, args.seed)
     num_tasks = suite.num_tasks
-    num_envs = num_tasks * args.envs_per_task
+    loo = mtrun.LeaveOneOut(args, suite)  # --train-tasks, --init-from, --transfer (protocol.md section 7)
+    num_envs = len(loo.train_ids) * args.envs_per_task
     batch_size = num_envs * args.num_steps
     minibatch_steps = args.num_steps // args.num_minibatches
     num_iterations = math.ceil(args.total_timesteps / batch_size)
@@ -199,7 +223,7 @@ def main(args: Args) -> None:
     device = mtrun.pick_device(args.cuda)
 
     # ---- env setup
-    envs, task_ids = mtenvs.make_vector_env(suite, args.envs_per_task, args.seed, args.vector_mode)
+    envs, task_ids = loo.make_vector_env(args.envs_per_task, args.seed, args.vector_mode)  # the train tasks' envs, the suite's task ids
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
     discrete = isinstance(act_space, gym.spaces.Discrete)
     obs_dim, act_dim = obs_shape[0], (act_space.n if discrete else act_space.shape[0])
@@ -211,10 +235,12 @@ def main(args: Args) -> None:
 
     # ---- networks
     agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
+    loo.start(agent, task_slots(agent), obs_norm, reward_scaler)  # --init-from weights and statistics; what does not train is frozen
+    optimizer = optim.Adam(loo.trainable(agent.parameters()), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
     params = param_counts(agent, num_tasks)
     derived = {"num_tasks": num_tasks, "num_envs": num_envs, "batch_size": batch_size, "minibatch_size": batch_size // args.num_minibatches,
                "num_iterations": num_iterations, "final_step": num_iterations * batch_size, "params": params, "device": str(device)}
+    derived["loo"] = loo.info  # train tasks, fixed slots, regime, init-from step, trainable and frozen parameter counts
 
     # ---- run directory, resume
     run = mtrun.Run(args, ALGO, suite.task_names, derived)
@@ -261,6 +287,8 @@ def main(args: Args) -> None:
     progress = mtrun.Progress(num_iterations * batch_size, args.progress)
     start_time, start_step = time.time(), global_step
     last_eval = None
+    if args.init_from and not args.resume:  # a transfer: the pre-trained network before any update (zero-shot: the jumpstart)
+        evaluate(0)
 
     for iteration in range(start_iteration, num_iterations + 1):
         iteration_start_step = global_step
@@ -345,6 +373,7 @@ def main(args: Args) -> None:
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                loo.mask_gradients()  # frozen entries: other tasks' slots (and every shared entry with --transfer task-only)
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 gradient_steps += 1

@@ -7,6 +7,8 @@ paper's stability tricks, adapted to PPO: loss maskout (a task whose per-task PP
 ``--maskout-threshold`` is left out of the parameter sets' gradient in that minibatch) and w-reset (the
 w of such a task is replaced by a random convex combination of the other tasks' w). Definitions:
 context/spec/baselines.md section 4, notes in context/paco.md; this file is ppo_mtl_embed plus the method.
+LOO (``--train-tasks``, ``--init-from``, ``--transfer``): task k's slot is its compositional vector w_k (actor and critic)
+and row k of the log-std (``task_slots``); the parameter sets are shared.
 Run: ``python src/algos/ppo_paco.py --config configs/toy_cartpole_mt10.toml``.
 """
 
@@ -70,6 +72,14 @@ class Args:
     """deterministic evaluation episodes per task"""
     checkpoint_every: int = 50_000
     """write checkpoints/latest.pt every this many environment steps (0: only at the end and on SIGTERM/SIGINT)"""
+
+    # ---- leave-one-task-out (protocol.md section 7, context/loo.md)
+    train_tasks: Optional[tuple[str, ...]] = None
+    """the tasks that get environments and data (default: every task of the suite); the network keeps every task's slot, other tasks' slots stay exactly as they are, evaluation covers every task"""
+    init_from: Optional[str] = None
+    """a finished run (same algorithm, suite, widths, activation, method options) whose final weights and normalisation statistics this run starts from; fresh optimiser, step 0, evaluated at step 0"""
+    transfer: Literal["finetune", "task-only"] = "finetune"
+    """finetune: every parameter trains; task-only (needs --init-from): only the train tasks' slots (see the docstring), every shared parameter frozen"""
 
     # ---- environments and preprocessing
     envs_per_task: int = 4
@@ -225,11 +235,13 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.get_value(x, task_ids)
 
     @torch.no_grad()
-    def reset_w(self, masked: torch.Tensor, mix: str) -> torch.Tensor | None:
+    def reset_w(self, masked: torch.Tensor, mix: str, tasks: list[int] | None = None) -> torch.Tensor | None:
         """w-reset: the w of every masked task becomes sum_j c_j w_j over the unmasked tasks j, with c >= 0 and
-        sum_j c_j = 1 drawn afresh per masked task (the same c for actor and critic w). Returns c (masked x unmasked),
-        or None when no task is unmasked."""
-        bad, healthy = masked.nonzero()[:, 0], (~masked).nonzero()[:, 0]
+        sum_j c_j = 1 drawn afresh per masked task (the same c for actor and critic w). ``masked[i]`` is about task
+        ``tasks[i]`` (default: every task; LOO: the train tasks, so a held-out task's w is neither reset nor mixed in).
+        Returns c (masked x unmasked), or None when no task is unmasked."""
+        tasks = torch.arange(len(masked), device=masked.device) if tasks is None else torch.as_tensor(tasks, device=masked.device)
+        bad, healthy = tasks[masked], tasks[~masked]
         if len(healthy) == 0:
             return None
         raw = torch.empty(len(bad), len(healthy), device=self.w.device)
@@ -250,13 +262,14 @@ def per_task_mean(x: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> to
 def backward_with_maskout(agent: Agent, task_loss: torch.Tensor, threshold: float | None) -> torch.Tensor | None:
     """Backpropagate loss = mean_t L_t. Loss maskout: a task with L_t > threshold is left out of the gradient of the
     shared parameter sets (every layer's V_i, b_i) in this step, while its task-specific parameters (w_t, log-std
-    row) keep the gradient of its own loss. Returns the mask (T,) when some task was masked, else None."""
+    row) keep the gradient of its own loss. Returns the mask (like task_loss) when some task was masked, else None.
+    Frozen parameter sets (LOO's --transfer task-only) get no gradient."""
     loss = task_loss.mean()
     masked = task_loss.detach() > threshold if threshold else None
-    if masked is None or not bool(masked.any()):
+    sets = [p for p in agent.param_sets() if p.requires_grad]
+    if masked is None or not bool(masked.any()) or not sets:
         loss.backward()
-        return None
-    sets = agent.param_sets()
+        return masked if masked is not None and bool(masked.any()) else None
     kept = torch.where(masked, torch.zeros_like(task_loss), task_loss).sum() / task_loss.numel()
     set_grads = torch.autograd.grad(kept, sets, retain_graph=True)
     loss.backward()  # w, log-std: every task's own loss
@@ -275,6 +288,13 @@ def param_counts(agent: Agent, num_tasks: int) -> dict:
     logstd = 0 if agent.actor_logstd is None else agent.actor_logstd.shape[1]
     total = sum(p.numel() for p in agent.parameters())
     return {"active_per_task": agent.num_sets * one_set + w_per_task + logstd, "inference": one_set + logstd, "total": total}
+
+
+def task_slots(agent: Agent) -> list[tuple[torch.Tensor, int, int]]:
+    """Each task's own entries for LOO (protocol.md section 7), as (parameter, dim, offset): task t's entry is index
+    offset + t along dim. The task's compositional vector w_t (actor and critic, or the shared one) and its log-std
+    row; the parameter sets are shared."""
+    return [(w, 0, 0) for w in agent.w_params()] + ([] if agent.actor_logstd is None else [(agent.actor_logstd, 0, 0)])
 
 
 @torch.no_grad()
@@ -307,7 +327,8 @@ def paco_diagnostics(agent: Agent, task_names: list[str]) -> dict:
 def main(args: Args) -> None:
     suite = mtenvs.make_suite(args.env_id, None, args.seed)
     num_tasks = suite.num_tasks
-    num_envs = num_tasks * args.envs_per_task
+    loo = mtrun.LeaveOneOut(args, suite)  # --train-tasks, --init-from, --transfer (protocol.md section 7)
+    num_envs = len(loo.train_ids) * args.envs_per_task
     batch_size = num_envs * args.num_steps
     minibatch_steps = args.num_steps // args.num_minibatches
     num_iterations = math.ceil(args.total_timesteps / batch_size)
@@ -317,7 +338,7 @@ def main(args: Args) -> None:
     device = mtrun.pick_device(args.cuda)
 
     # ---- env setup
-    envs, task_ids = mtenvs.make_vector_env(suite, args.envs_per_task, args.seed, args.vector_mode)
+    envs, task_ids = loo.make_vector_env(args.envs_per_task, args.seed, args.vector_mode)  # the train tasks' envs, the suite's task ids
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
     discrete = isinstance(act_space, gym.spaces.Discrete)
     obs_dim, act_dim = obs_shape[0], (act_space.n if discrete else act_space.shape[0])
@@ -329,10 +350,12 @@ def main(args: Args) -> None:
 
     # ---- networks
     agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
+    loo.start(agent, task_slots(agent), obs_norm, reward_scaler)  # --init-from weights and statistics; what does not train is frozen
+    optimizer = optim.Adam(loo.trainable(agent.parameters()), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
     params = param_counts(agent, num_tasks)
     derived = {"num_tasks": num_tasks, "num_envs": num_envs, "batch_size": batch_size, "minibatch_size": batch_size // args.num_minibatches,
                "num_iterations": num_iterations, "final_step": num_iterations * batch_size, "params": params, "device": str(device)}
+    derived["loo"] = loo.info  # train tasks, fixed slots, regime, init-from step, trainable and frozen parameter counts
 
     # ---- run directory, resume
     run = mtrun.Run(args, ALGO, suite.task_names, derived)
@@ -379,6 +402,8 @@ def main(args: Args) -> None:
     progress = mtrun.Progress(num_iterations * batch_size, args.progress)
     start_time, start_step = time.time(), global_step
     last_eval = None
+    if args.init_from and not args.resume:  # a transfer: the pre-trained network before any update (zero-shot: the jumpstart)
+        evaluate(0)
 
     for iteration in range(start_iteration, num_iterations + 1):
         iteration_start_step = global_step
@@ -459,7 +484,7 @@ def main(args: Args) -> None:
                 else:
                     v_losses = 0.5 * (newvalue - mb_returns) ** 2
                 # per-task losses L_t (means over each task's samples); their mean is the template's loss
-                pg_task, v_task, entropy_task = (per_task_mean(x, task_ids_t, num_tasks) for x in (pg_losses, v_losses, entropy))
+                pg_task, v_task, entropy_task = (per_task_mean(x, task_ids_t, num_tasks)[loo.train_ids] for x in (pg_losses, v_losses, entropy))
                 task_loss = pg_task - args.ent_coef * entropy_task + args.vf_coef * v_task
                 pg_loss, v_loss, entropy_loss = pg_task.mean(), v_task.mean(), entropy_task.mean()
                 loss = task_loss.mean()
@@ -467,14 +492,15 @@ def main(args: Args) -> None:
 
                 optimizer.zero_grad(set_to_none=True)
                 masked = backward_with_maskout(agent, task_loss, args.maskout_threshold)  # loss.backward() with loss maskout
+                loo.mask_gradients()  # frozen entries: other tasks' slots (and every shared entry with --transfer task-only)
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 gradient_steps += 1
                 task_losses.append(task_loss.detach())
                 if masked is not None:
-                    mask_counts += masked
+                    mask_counts[loo.train_ids] += masked
                     if args.w_reset:
-                        coef = agent.reset_w(masked, args.w_reset_mix)
+                        coef = agent.reset_w(masked, args.w_reset_mix, loo.train_ids)
                         resets += 0 if coef is None else coef.shape[0]
                 stats.append(torch.stack([pg_loss, v_loss, entropy_loss, approx_kl, clipfrac]).detach())
             if args.target_kl is not None and approx_kl > args.target_kl:
@@ -483,7 +509,7 @@ def main(args: Args) -> None:
 
         # ---- logging, evaluation, checkpoint
         pg, vl, ent, kl, cf = torch.stack(stats).mean(0).tolist()
-        task_losses = torch.stack(task_losses)  # (minibatch steps, T)
+        task_losses = torch.stack(task_losses)  # (minibatch steps, train tasks)
         sps = (global_step - start_step) / (time.time() - start_time)
         run.log({"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps, "charts/rollout_SPS": batch_size / rollout_time,
                  "charts/gradient_steps": gradient_steps, "charts/wall_clock_s": time.time() - run.start_time,
@@ -491,7 +517,7 @@ def main(args: Args) -> None:
                  "losses/explained_variance": explained_variance(values_buf.ravel(), returns.ravel()),
                  "debug/first_minibatch_max_ratio_dev": float(first_ratio_dev), "paco/masked_tasks": int((mask_counts > 0).sum()),
                  "paco/mask_events": int(mask_counts.sum()), "paco/w_resets": resets, "paco/task_loss_max": task_losses.max().item(),
-                 **{f"paco/task_loss/{name}": v for name, v in zip(suite.task_names, task_losses.mean(0).tolist())},
+                 **{f"paco/task_loss/{name}": v for name, v in zip(loo.train_names, task_losses.mean(0).tolist())},
                  **{f"paco/masked/{name}": v for name, v in zip(suite.task_names, mask_counts.tolist())},
                  **paco_diagnostics(agent, suite.task_names), **episodes.scalars()}, global_step)
         if iteration == num_iterations or (args.eval_every and global_step // args.eval_every > iteration_start_step // args.eval_every):

@@ -9,6 +9,8 @@ the paper, the sum) of the projected gradients, then grad-norm clip and Adam as 
 parameters (log-std rows, embedding rows, the first layers' one-hot columns) keep their plain gradient.
 Definitions: context/spec/baselines.md section 3; notes: context/pcgrad.md. This file is ppo_mtl_embed
 plus the method.
+LOO (``--train-tasks``, ``--init-from``, ``--transfer``): task k's slot is column k of the one-hot input of the first layer of
+actor and critic (row k of both embeddings with ``--task-encoding embedding``) and row k of the log-std (``task_slots``).
 Run: ``python src/algos/ppo_pcgrad.py --config configs/toy_cartpole_mt10.toml``.
 """
 
@@ -72,6 +74,14 @@ class Args:
     """deterministic evaluation episodes per task"""
     checkpoint_every: int = 50_000
     """write checkpoints/latest.pt every this many environment steps (0: only at the end and on SIGTERM/SIGINT)"""
+
+    # ---- leave-one-task-out (protocol.md section 7, context/loo.md)
+    train_tasks: Optional[tuple[str, ...]] = None
+    """the tasks that get environments and data (default: every task of the suite); the network keeps every task's slot, other tasks' slots stay exactly as they are, evaluation covers every task"""
+    init_from: Optional[str] = None
+    """a finished run (same algorithm, suite, widths, activation, method options) whose final weights and normalisation statistics this run starts from; fresh optimiser, step 0, evaluated at step 0"""
+    transfer: Literal["finetune", "task-only"] = "finetune"
+    """finetune: every parameter trains; task-only (needs --init-from): only the train tasks' slots (see the docstring), every shared parameter frozen"""
 
     # ---- environments and preprocessing
     envs_per_task: int = 4
@@ -193,6 +203,19 @@ def param_counts(agent: Agent, num_tasks: int) -> dict:
     return {"active_per_task": total - (num_tasks - 1) * per_task_only, "inference": total, "total": total}
 
 
+def task_slots(agent: Agent) -> list[tuple[torch.Tensor, int, int]]:
+    """Each task's own entries for LOO (protocol.md section 7), as (parameter, dim, offset): task t's entry is index
+    offset + t along dim. The one-hot column of the first layer of actor and critic (or the task's row of both
+    embeddings) and the task's log-std row; with --task-encoding none only the log-std row."""
+    slots = [] if agent.actor_logstd is None else [(agent.actor_logstd, 0, 0)]
+    if agent.encoding == "onehot":
+        obs_dim = agent.actor[0].in_features - agent.num_tasks
+        slots += [(agent.actor[0].weight, 1, obs_dim), (agent.critic[0].weight, 1, obs_dim)]
+    elif agent.encoding == "embedding":
+        slots += [(agent.actor_embedding.weight, 0, 0), (agent.critic_embedding.weight, 0, 0)]
+    return slots
+
+
 # ----------------------------------------------------------------------------------------------
 # PCGrad
 # ----------------------------------------------------------------------------------------------
@@ -267,13 +290,14 @@ class PerTaskGradients:
     task's samples only gives that task's gradient exactly. Forward hooks keep x and dL/dy of every Linear
     layer for the last forward pass run with autograd on (rollouts and evaluation run without autograd and
     are not kept). Task-row parameters (log-std rows, embedding rows) reach only their own task, so the
-    task-k gradient of such a table is row k of its gradient and zero elsewhere."""
+    task-k gradient of such a table is row k of its gradient and zero elsewhere. Only the tasks that have envs
+    (``self.tasks``: all but the held-out ones of a LOO pre-training) get a gradient: a task without samples has none."""
 
     def __init__(self, agent: Agent, task_ids: torch.Tensor):
-        counts = torch.bincount(task_ids, minlength=agent.num_tasks)
+        self.tasks, counts = torch.unique(task_ids, return_counts=True)  # sorted, as argsort below orders the groups
         if (counts != counts[0]).any():
             raise ValueError(f"every task needs the same number of envs, got {counts.tolist()}")
-        self.num_tasks = agent.num_tasks
+        self.num_tasks = len(self.tasks)
         self.order = torch.argsort(task_ids, stable=True)  # groups (envs) sorted by task
         self.layer_of, self.saved = {}, {}
         for module in agent.modules():
@@ -292,11 +316,11 @@ class PerTaskGradients:
             output.register_hook(lambda grad: saved.__setitem__(1, grad))
 
     def by_task(self, z: torch.Tensor) -> torch.Tensor:
-        """(groups, samples, d) -> (T, samples of one task, d)."""
+        """(groups, samples, d) -> (tasks with envs, samples of one task, d)."""
         return z[self.order].reshape(self.num_tasks, -1, z.shape[-1])
 
     def __call__(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
-        """g_k of each parameter, (T, *p.shape), for the loss just backpropagated (call after backward)."""
+        """g_k of each parameter, (tasks with envs, *p.shape), for the loss just backpropagated (call after backward)."""
         out = []
         for p in params:
             if id(p) in self.layer_of:
@@ -307,7 +331,7 @@ class PerTaskGradients:
             else:
                 g = torch.zeros((self.num_tasks, *p.shape), dtype=p.dtype, device=p.device)
                 rows = torch.arange(self.num_tasks, device=p.device)
-                g[rows, rows] = p.grad
+                g[rows, self.tasks] = p.grad[self.tasks]
                 out.append(g)
         return out
 
@@ -318,7 +342,8 @@ def surgery_groups(agent: Agent, obs_dim: int, task_params: str) -> dict[str, tu
 
     With ``task_params="plain"``, the task-specific parameters keep their plain gradient: the log-std and
     embedding rows are in no group, and the first layers' one-hot columns (column k only ever multiplies
-    task k's one-hot) are masked out. With ``"project"`` every parameter enters its group's surgery."""
+    task k's one-hot) are masked out. With ``"project"`` every parameter enters its group's surgery. Frozen parameters
+    (``requires_grad`` False: LOO's --transfer task-only) are in no group, and a group left empty is dropped."""
     groups = {}
     for net in ["actor", "critic"]:
         params, masks = [], []
@@ -327,15 +352,17 @@ def surgery_groups(agent: Agent, obs_dim: int, task_params: str) -> dict[str, tu
             if name == "0.weight" and agent.encoding == "onehot" and task_params == "plain":
                 mask = torch.ones_like(p, dtype=torch.bool)
                 mask[:, obs_dim:] = False
-            params.append(p)
-            masks.append(mask)
+            if p.requires_grad:
+                params.append(p)
+                masks.append(mask)
         if task_params == "project":
             tables = [getattr(agent, f"{net}_embedding", None)] + ([agent.actor_logstd] if net == "actor" else [])
             for t in tables:
-                if t is not None:
+                if t is not None and (t if isinstance(t, nn.Parameter) else t.weight).requires_grad:
                     params.append(t if isinstance(t, nn.Parameter) else t.weight)
                     masks.append(None)
-        groups[net] = (params, masks)
+        if params:
+            groups[net] = (params, masks)
     return groups
 
 
@@ -365,7 +392,8 @@ def pcgrad_gradients(groups: dict, task_grads: PerTaskGradients) -> torch.Tensor
 def main(args: Args) -> None:
     suite = mtenvs.make_suite(args.env_id, None, args.seed)
     num_tasks = suite.num_tasks
-    num_envs = num_tasks * args.envs_per_task
+    loo = mtrun.LeaveOneOut(args, suite)  # --train-tasks, --init-from, --transfer (protocol.md section 7)
+    num_envs = len(loo.train_ids) * args.envs_per_task
     batch_size = num_envs * args.num_steps
     minibatch_steps = args.num_steps // args.num_minibatches
     num_iterations = math.ceil(args.total_timesteps / batch_size)
@@ -375,7 +403,7 @@ def main(args: Args) -> None:
     device = mtrun.pick_device(args.cuda)
 
     # ---- env setup
-    envs, task_ids = mtenvs.make_vector_env(suite, args.envs_per_task, args.seed, args.vector_mode)
+    envs, task_ids = loo.make_vector_env(args.envs_per_task, args.seed, args.vector_mode)  # the train tasks' envs, the suite's task ids
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
     discrete = isinstance(act_space, gym.spaces.Discrete)
     obs_dim, act_dim = obs_shape[0], (act_space.n if discrete else act_space.shape[0])
@@ -387,14 +415,16 @@ def main(args: Args) -> None:
 
     # ---- networks
     agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
+    loo.start(agent, task_slots(agent), obs_norm, reward_scaler)  # --init-from weights and statistics; what does not train is frozen
+    optimizer = optim.Adam(loo.trainable(agent.parameters()), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
     params = param_counts(agent, num_tasks)
     task_grads = PerTaskGradients(agent, task_ids_t)  # hooks on the Linear layers: per-task gradients from one backward
     groups = surgery_groups(agent, obs_dim, args.pcgrad_task_params)
-    task_avg = nn.functional.one_hot(task_ids_t, num_tasks).T.float() / args.envs_per_task  # (T, envs): mean over task k's envs
+    task_avg = nn.functional.one_hot(task_ids_t, num_tasks).T[loo.train_ids].float() / args.envs_per_task  # (train tasks, envs): mean over task k's envs
     derived = {"num_tasks": num_tasks, "num_envs": num_envs, "batch_size": batch_size, "minibatch_size": batch_size // args.num_minibatches,
                "num_iterations": num_iterations, "final_step": num_iterations * batch_size, "params": params, "device": str(device),
                "pcgrad_projected_params": {net: sum(p.numel() if m is None else int(m.sum()) for p, m in zip(*groups[net])) for net in groups}}
+    derived["loo"] = loo.info  # train tasks, fixed slots, regime, init-from step, trainable and frozen parameter counts
 
     # ---- run directory, resume
     run = mtrun.Run(args, ALGO, suite.task_names, derived)
@@ -441,6 +471,8 @@ def main(args: Args) -> None:
     progress = mtrun.Progress(num_iterations * batch_size, args.progress)
     start_time, start_step = time.time(), global_step
     last_eval = None
+    if args.init_from and not args.resume:  # a transfer: the pre-trained network before any update (zero-shot: the jumpstart)
+        evaluate(0)
 
     for iteration in range(start_iteration, num_iterations + 1):
         iteration_start_step = global_step
@@ -520,13 +552,14 @@ def main(args: Args) -> None:
                 else:
                     v_losses = 0.5 * ((newvalue - mb_returns) ** 2)
                 pg_loss, v_loss, entropy_loss = pg_losses.mean(), v_losses.mean(), entropy.mean()
-                task_loss = task_avg @ (pg_losses - args.ent_coef * entropy + args.vf_coef * v_losses).mean(1)  # L_k, (T,)
+                task_loss = task_avg @ (pg_losses - args.ent_coef * entropy + args.vf_coef * v_losses).mean(1)  # L_k, (train tasks,)
                 loss = task_loss.mean() if args.pcgrad_reduction == "mean" else task_loss.sum()  # mean: the template's loss
                 nonfinite |= ~torch.isfinite(loss)
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # the plain gradient; the hooks keep what the per-task gradients need
                 pcgrad_stats.append(pcgrad_gradients(groups, task_grads))  # shared entries <- sum_i g_i^PC, actor and critic apart
+                loo.mask_gradients()  # frozen entries: other tasks' slots (and every shared entry with --transfer task-only)
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 gradient_steps += 1

@@ -8,6 +8,8 @@ an output head reads the sum. ``--softmod-variant official`` switches to the off
 (gating MLP, routing conditioned on all previous probabilities, activation after the weighted sum, a
 final routing vector). The paper's SAC-temperature loss reweighting has no PPO counterpart and is left
 out. Definitions and every departure: context/softmod.md; this file is ppo_mtl_embed plus the method.
+LOO (``--train-tasks``, ``--init-from``, ``--transfer``): task k's slot is its task embedding, column k of the weight of h (the
+linear map of the one-hot) in actor and critic, and row k of the log-std (``task_slots``); h's bias is shared.
 Run: ``python src/algos/ppo_softmod.py --config configs/toy_cartpole_mt10.toml``.
 """
 from __future__ import annotations
@@ -70,6 +72,14 @@ class Args:
     """deterministic evaluation episodes per task"""
     checkpoint_every: int = 50_000
     """write checkpoints/latest.pt every this many environment steps (0: only at the end and on SIGTERM/SIGINT)"""
+
+    # ---- leave-one-task-out (protocol.md section 7, context/loo.md)
+    train_tasks: Optional[tuple[str, ...]] = None
+    """the tasks that get environments and data (default: every task of the suite); the network keeps every task's slot, other tasks' slots stay exactly as they are, evaluation covers every task"""
+    init_from: Optional[str] = None
+    """a finished run (same algorithm, suite, widths, activation, method options) whose final weights and normalisation statistics this run starts from; fresh optimiser, step 0, evaluated at step 0"""
+    transfer: Literal["finetune", "task-only"] = "finetune"
+    """finetune: every parameter trains; task-only (needs --init-from): only the train tasks' slots (see the docstring), every shared parameter frozen"""
 
     # ---- environments and preprocessing
     envs_per_task: int = 4
@@ -241,10 +251,19 @@ def param_counts(agent: Agent, num_tasks: int) -> dict:
     return {"active_per_task": active, "inference": active, "total": total}
 
 
+def task_slots(agent: Agent) -> list[tuple[torch.Tensor, int, int]]:
+    """Each task's own entries for LOO (protocol.md section 7), as (parameter, dim, offset): task t's entry is index
+    offset + t along dim. Column t of the weight of the task embedding h (the map of the one-hot) of actor and critic,
+    i.e. the task's embedding, and its log-std row; h's bias, f, the routing network and the modules are shared."""
+    slots = [(agent.actor.task_embedding.weight, 1, 0), (agent.critic.task_embedding.weight, 1, 0)]
+    return slots + ([] if agent.actor_logstd is None else [(agent.actor_logstd, 0, 0)])
+
+
 @torch.no_grad()
 def task_routing(net: SoftModularNetwork, obs: torch.Tensor, task_ids: torch.Tensor, num_tasks: int):
     """Every routing distribution of ``net`` on ``obs`` (envs, steps, obs_dim): (envs, steps, rows, n), rows = all
-    rows of all routing matrices (and the official final vector), and each task's mean over its samples: (T, rows, n)."""
+    rows of all routing matrices (and the official final vector), and each task's mean over its samples: (T, rows, n)
+    (NaN for a task without samples: the held-out tasks of a LOO pre-training)."""
     probs, last = net.routing(net.embed(obs, task_ids)[1])
     dists = torch.cat([p.flatten(2, -2) for p in probs] + ([] if last is None else [last.unsqueeze(-2)]), 2)
     means = torch.stack([dists[task_ids == t].mean((0, 1)) for t in range(num_tasks)])
@@ -255,16 +274,16 @@ def task_routing(net: SoftModularNetwork, obs: torch.Tensor, task_ids: torch.Ten
 def routing_diagnostics(agent: Agent, obs: torch.Tensor, task_ids: torch.Tensor, task_names: list[str]) -> dict:
     """On the rollout's observations: mean entropy (nats; uniform = ln n) of the routing distributions; task spread:
     total-variation distance of each task's mean routing from the mean over tasks; state spread: of each sample's
-    routing from its task's mean. Actor (per task too) and critic."""
-    out = {}
+    routing from its task's mean. Actor (per task too) and critic. Only the tasks with samples count."""
+    out, present = {}, task_ids.unique()
     for net_name, net in [("", agent.actor), ("_critic", agent.critic)]:
         dists, means = task_routing(net, obs, task_ids, len(task_names))
         entropy = -(dists * dists.clamp_min(1e-12).log()).sum(-1).mean((1, 2))  # per env
         out[f"softmod/routing_entropy{net_name}"] = entropy.mean().item()
-        out[f"softmod/routing_task_spread{net_name}"] = (0.5 * (means - means.mean(0)).abs().sum(-1)).mean().item()
+        out[f"softmod/routing_task_spread{net_name}"] = (0.5 * (means[present] - means[present].mean(0)).abs().sum(-1)).mean().item()
         out[f"softmod/routing_state_spread{net_name}"] = (0.5 * (dists - means[task_ids][:, None]).abs().sum(-1)).mean().item()
         if not net_name:
-            out.update({f"softmod/routing_entropy/{name}": entropy[task_ids == t].mean().item() for t, name in enumerate(task_names)})
+            out.update({f"softmod/routing_entropy/{task_names[t]}": entropy[task_ids == t].mean().item() for t in present.tolist()})
     return out
 
 
@@ -274,7 +293,8 @@ def routing_diagnostics(agent: Agent, obs: torch.Tensor, task_ids: torch.Tensor,
 def main(args: Args) -> None:
     suite = mtenvs.make_suite(args.env_id, None, args.seed)
     num_tasks = suite.num_tasks
-    num_envs = num_tasks * args.envs_per_task
+    loo = mtrun.LeaveOneOut(args, suite)  # --train-tasks, --init-from, --transfer (protocol.md section 7)
+    num_envs = len(loo.train_ids) * args.envs_per_task
     batch_size = num_envs * args.num_steps
     minibatch_steps = args.num_steps // args.num_minibatches
     num_iterations = math.ceil(args.total_timesteps / batch_size)
@@ -284,7 +304,7 @@ def main(args: Args) -> None:
     device = mtrun.pick_device(args.cuda)
 
     # ---- env setup
-    envs, task_ids = mtenvs.make_vector_env(suite, args.envs_per_task, args.seed, args.vector_mode)
+    envs, task_ids = loo.make_vector_env(args.envs_per_task, args.seed, args.vector_mode)  # the train tasks' envs, the suite's task ids
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
     discrete = isinstance(act_space, gym.spaces.Discrete)
     obs_dim, act_dim = obs_shape[0], (act_space.n if discrete else act_space.shape[0])
@@ -296,11 +316,13 @@ def main(args: Args) -> None:
 
     # ---- networks
     agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
+    loo.start(agent, task_slots(agent), obs_norm, reward_scaler)  # --init-from weights and statistics; what does not train is frozen
+    optimizer = optim.Adam(loo.trainable(agent.parameters()), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
     params = param_counts(agent, num_tasks)
     derived = {"num_tasks": num_tasks, "num_envs": num_envs, "batch_size": batch_size, "minibatch_size": batch_size // args.num_minibatches,
                "num_iterations": num_iterations, "final_step": num_iterations * batch_size, "params": params, "device": str(device),
                "embedding_dim": args.embedding_dim or args.hidden_sizes[0]}
+    derived["loo"] = loo.info  # train tasks, fixed slots, regime, init-from step, trainable and frozen parameter counts
 
     # ---- run directory, resume
     run = mtrun.Run(args, ALGO, suite.task_names, derived)
@@ -348,6 +370,8 @@ def main(args: Args) -> None:
     progress = mtrun.Progress(num_iterations * batch_size, args.progress)
     start_time, start_step = time.time(), global_step
     last_eval = None
+    if args.init_from and not args.resume:  # a transfer: the pre-trained network before any update (zero-shot: the jumpstart)
+        evaluate(0)
 
     for iteration in range(start_iteration, num_iterations + 1):
         iteration_start_step = global_step
@@ -432,6 +456,7 @@ def main(args: Args) -> None:
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                loo.mask_gradients()  # frozen entries: other tasks' slots (and every shared entry with --transfer task-only)
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 gradient_steps += 1
@@ -460,7 +485,7 @@ def main(args: Args) -> None:
         last_eval = evaluate(global_step)
     run.finish({"total_steps": global_step, "final_success": last_eval["success"], "final_return": last_eval["return"],
                 "mean_success": last_eval["mean_success"], "mean_return": last_eval["mean_return"], "params": params,
-                "final_routing": None if b_obs is None else dict(zip(suite.task_names, task_routing(agent.actor, b_obs, task_ids_t, num_tasks)[1].tolist())),
+                "final_routing": None if b_obs is None else dict(zip(loo.train_names, task_routing(agent.actor, b_obs, task_ids_t, num_tasks)[1][loo.train_ids].tolist())),
                 "wall_clock_s": time.time() - run.start_time, "mean_SPS": (global_step - start_step) / max(time.time() - start_time, 1e-9)})
     envs.close()
     evaluator.close()

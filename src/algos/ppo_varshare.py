@@ -13,6 +13,9 @@ actor's draw), ``--prior-scale-mode fan_in|init`` (init: ``sigma0 = prior_scale 
 KL denominator), ``--bias-residual`` (biases get a per-task residual too), ``--residual-lr-scale s`` (mu, rho
 in their own Adam group at s times the learning rate).
 Definitions: context/spec/varshare.md; this file is ppo_mtl_embed plus the method.
+LOO (``--train-tasks``, ``--init-from``, ``--transfer``): task k's slot is row k of every residual (mu_k and rho_k; L2Soft's
+delta_k; with ``--bias-residual`` mu_b_k, rho_b_k), with ``--critic onehot`` the critic's one-hot column k, and row k of the
+log-std (``task_slots``); theta and the biases are shared.
 Run: ``python src/algos/ppo_varshare.py --config configs/toy_cartpole_mt10.toml``.
 """
 
@@ -76,6 +79,14 @@ class Args:
     """deterministic evaluation episodes per task"""
     checkpoint_every: int = 50_000
     """write checkpoints/latest.pt every this many environment steps (0: only at the end and on SIGTERM/SIGINT)"""
+
+    # ---- leave-one-task-out (protocol.md section 7, context/loo.md)
+    train_tasks: Optional[tuple[str, ...]] = None
+    """the tasks that get environments and data (default: every task of the suite); the network keeps every task's slot, other tasks' slots stay exactly as they are, evaluation covers every task"""
+    init_from: Optional[str] = None
+    """a finished run (same algorithm, suite, widths, activation, method options) whose final weights and normalisation statistics this run starts from; fresh optimiser, step 0, evaluated at step 0"""
+    transfer: Literal["finetune", "task-only"] = "finetune"
+    """finetune: every parameter trains; task-only (needs --init-from): only the train tasks' slots (see the docstring), every shared parameter frozen"""
 
     # ---- environments and preprocessing
     envs_per_task: int = 4
@@ -416,6 +427,16 @@ def param_counts(agent: Agent, num_tasks: int) -> dict:
     return {"active_per_task": shared + residual + logstd, "inference": shared + logstd, "total": total}
 
 
+def task_slots(agent: Agent) -> list[tuple[torch.Tensor, int, int]]:
+    """Each task's own entries for LOO (protocol.md section 7), as (parameter, dim, offset): task t's entry is index
+    offset + t along dim. Row t of every residual parameter (mu, rho; L2Soft's delta; the bias residuals mu_b, rho_b),
+    with --critic onehot the one-hot column of its first layer, and the task's log-std row; theta and the biases are shared."""
+    slots = [(p, 0, 0) for _, layer in agent.named_varshare_layers() for p in layer.residual_parameters()]
+    if agent.critic_onehot:
+        slots.append((agent.critic[0].weight, 1, agent.critic[0].in_features - agent.num_tasks))
+    return slots + ([] if agent.actor_logstd is None else [(agent.actor_logstd, 0, 0)])
+
+
 @torch.no_grad()
 def varshare_diagnostics(agent: Agent, task_names: list[str], beta: float, kl_samples: int) -> dict:
     """varshare.md section 8, the per-iteration part (kl_samples: N of the loss's beta / N). rel_residual is
@@ -455,7 +476,8 @@ def specialisation(score_full: float, score_theta: float) -> float:
 
 @torch.no_grad()
 def policy_divergence(agent: Agent, obs: torch.Tensor, task_ids: torch.Tensor, task_names: list[str]) -> dict:
-    """KL(pi_{theta+mu_t} || pi_theta) averaged over each task's own rollout states (obs: (envs, steps, obs_dim))."""
+    """KL(pi_{theta+mu_t} || pi_theta) averaged over each task's own rollout states (obs: (envs, steps, obs_dim)); only
+    the tasks with envs (a LOO pre-training has no states of its held-out tasks)."""
     no_noise = [None] * len(agent.actor)
     full = agent.mlp_forward(agent.actor, obs, task_ids, no_noise, True)
     off = agent.mlp_forward(agent.actor, obs, task_ids, no_noise, False)
@@ -466,7 +488,7 @@ def policy_divergence(agent: Agent, obs: torch.Tensor, task_ids: torch.Tensor, t
         var = agent.actor_logstd[task_ids][:, None].exp().square()
         kl = ((full - off).square() / (2 * var)).sum(-1)
     per_env = kl.mean(1)
-    return {name: per_env[task_ids == t].mean().item() for t, name in enumerate(task_names)}
+    return {name: per_env[task_ids == t].mean().item() for t, name in enumerate(task_names) if bool((task_ids == t).any())}
 
 
 @torch.no_grad()
@@ -483,7 +505,8 @@ def residual_cosine(agent: Agent) -> list[list[float]]:
 def main(args: Args) -> None:
     suite = mtenvs.make_suite(args.env_id, None, args.seed)
     num_tasks = suite.num_tasks
-    num_envs = num_tasks * args.envs_per_task
+    loo = mtrun.LeaveOneOut(args, suite)  # --train-tasks, --init-from, --transfer (protocol.md section 7)
+    num_envs = len(loo.train_ids) * args.envs_per_task
     batch_size = num_envs * args.num_steps
     minibatch_steps = args.num_steps // args.num_minibatches
     num_iterations = math.ceil(args.total_timesteps / batch_size)
@@ -493,7 +516,7 @@ def main(args: Args) -> None:
     device = mtrun.pick_device(args.cuda)
 
     # ---- env setup
-    envs, task_ids = mtenvs.make_vector_env(suite, args.envs_per_task, args.seed, args.vector_mode)
+    envs, task_ids = loo.make_vector_env(args.envs_per_task, args.seed, args.vector_mode)  # the train tasks' envs, the suite's task ids
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
     discrete = isinstance(act_space, gym.spaces.Discrete)
     obs_dim, act_dim = obs_shape[0], (act_space.n if discrete else act_space.shape[0])
@@ -505,7 +528,8 @@ def main(args: Args) -> None:
 
     # ---- networks
     agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)
-    optimizer = optim.Adam(param_groups(agent, args), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
+    loo.start(agent, task_slots(agent), obs_norm, reward_scaler)  # --init-from weights and statistics; what does not train is frozen
+    optimizer = optim.Adam(loo.trainable(param_groups(agent, args)), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: ~30% faster steps on CPU, same maths
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # shared, residual (--residual-lr-scale)
     params = param_counts(agent, num_tasks)
     noise_mode = agent.noise_mode  # "mean" for --residual l2
@@ -514,6 +538,7 @@ def main(args: Args) -> None:
                "num_iterations": num_iterations, "final_step": num_iterations * batch_size, "params": params, "device": str(device),
                "noise_mode": noise_mode, "sigma0": {n: l.sigma0 for n, l in agent.named_varshare_layers()},
                "kl_samples": kl_samples, "kl_weight_per_sample": args.kl_coef / kl_samples}
+    derived["loo"] = loo.info  # train tasks, fixed slots, regime, init-from step, trainable and frozen parameter counts
 
     # ---- run directory, resume
     run = mtrun.Run(args, ALGO, suite.task_names, derived)
@@ -580,6 +605,8 @@ def main(args: Args) -> None:
     progress = mtrun.Progress(num_iterations * batch_size, args.progress)
     start_time, start_step = time.time(), global_step
     last_eval = None
+    if args.init_from and not args.resume:  # a transfer: the pre-trained network before any update (zero-shot: the jumpstart)
+        evaluate(0)
 
     for iteration in range(start_iteration, num_iterations + 1):
         iteration_start_step = global_step
@@ -677,6 +704,7 @@ def main(args: Args) -> None:
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                loo.mask_gradients()  # frozen entries: other tasks' slots (and every shared entry with --transfer task-only)
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 gradient_steps += 1

@@ -5,6 +5,8 @@
   any work starts.
 - :class:`Run`: the run directory (never overwritten), ``config.json``, TensorBoard (and W&B with
   ``--track``), ``eval.jsonl``, ``summary.json``, atomic checkpoints, SIGTERM/SIGINT handling, progress.
+- :func:`check_loo` and :class:`LeaveOneOut`: the leave-one-task-out options of the multi-task scripts
+  (``--train-tasks``, ``--init-from``, ``--transfer``; protocol.md section 7, context/loo.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
+
+from mtrl.envs import make_suite, make_vector_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_NAME = "checkpoints/latest.pt"
@@ -66,7 +70,7 @@ def _coerce(args_cls, values: dict) -> dict:
 def load_config(path: str, args_cls, algo: str) -> dict:
     """Top-level keys of the TOML file apply to every algorithm; a table named after the algorithm
     (``[ppo_varshare]``) holds its own values; tables of other algorithms and the sweep's
-    ``[methods]`` and ``[tuning]`` tables are skipped; any other table is an error (a misspelt algorithm name)."""
+    ``[methods]``, ``[tuning]`` and ``[loo]`` tables are skipped; any other table is an error (a misspelt algorithm name)."""
     p = Path(path)
     if not p.is_file():
         raise ArgError(f"--config {path!r}: no such file")
@@ -75,9 +79,10 @@ def load_config(path: str, args_cls, algo: str) -> dict:
     from mtrl.capacity import ALGOS
 
     fields = {f.name for f in dataclasses.fields(args_cls)}
-    tables = [k for k, v in data.items() if isinstance(v, dict) and k not in (*ALGOS, "methods", "tuning")]
+    tables = [k for k, v in data.items() if isinstance(v, dict) and k not in (*ALGOS, "methods", "tuning", "loo")]
     if tables:
-        raise ArgError(f"unknown table(s) {', '.join(tables)} in config {path!r}; allowed: {', '.join(ALGOS)}, methods (sweep presets), tuning (tuning grids)")
+        raise ArgError(f"unknown table(s) {', '.join(tables)} in config {path!r}; allowed: {', '.join(ALGOS)}, methods (sweep presets), "
+                       "tuning (tuning grids), loo (leave-one-task-out study)")
     values = {}
     for scope, table in [("top level", {k: v for k, v in data.items() if not isinstance(v, dict)}), (f"[{algo}]", data.get(algo, {}))]:
         for k, v in table.items():
@@ -111,7 +116,8 @@ def parse_args(args_cls, algo: str, validate=None, argv: list[str] | None = None
             default = dataclasses.replace(default, **load_config(config, args_cls, algo))
         args = tyro.cli(args_cls, default=default, args=argv)
         if saved is not None:
-            changed = [k for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE and json.loads(json.dumps(v)) != saved["args"].get(k)]
+            saved_args = {**jsonable(dataclasses.asdict(args_cls())), **saved["args"]}  # an option newer than the run: its default
+            changed = [k for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE and json.loads(json.dumps(jsonable(v))) != saved_args.get(k)]
             if changed:
                 raise ArgError(f"--resume continues a run with its saved arguments; cannot change {', '.join(changed)}")
             if not (Path(resume) / CHECKPOINT_NAME).is_file():
@@ -120,6 +126,8 @@ def parse_args(args_cls, algo: str, validate=None, argv: list[str] | None = None
             check_common(args)
             if validate is not None:
                 validate(args)
+            if hasattr(args, "train_tasks"):  # the multi-task scripts' LOO options (protocol.md section 7)
+                check_loo(args, algo, resuming=saved is not None)
         except ValueError as e:  # e.g. an unknown env id or task from make_suite
             raise ArgError(str(e)) from None
         if saved is None:
@@ -437,3 +445,140 @@ def check_finite(flag: torch.Tensor, run: Run, global_step: int) -> None:
             f"{run.dir / CHECKPOINT_NAME} (resume with --resume {run.dir} after fixing the cause)",
             code=3,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# leave-one-task-out (protocol.md section 7; context/loo.md)
+# ----------------------------------------------------------------------------------------------
+TRANSFER_REGIMES = ("finetune", "task-only")
+# what a run started with --init-from must share with that run, besides the algorithm: the suite, the network and
+# the options that define the method (hyperparameters such as the learning rate or beta may differ)
+INIT_FROM_MUST_MATCH = ("env_id", "hidden_sizes", "activation")
+METHOD_OPTIONS = {
+    "ppo_mtl_embed": ("task_encoding", "task_embedding_dim"),
+    "ppo_pcgrad": ("task_encoding", "task_embedding_dim", "pcgrad_reduction", "pcgrad_task_params"),
+    "ppo_varshare": ("residual", "noise", "critic", "critic_noise", "bias_residual"),
+    "ppo_paco": ("num_param_sets", "share_w"),
+    "ppo_softmod": ("softmod_variant", "num_modules", "embedding_dim"),
+}
+
+
+def check_loo(args, algo: str, resuming: bool = False) -> None:
+    """``--train-tasks``, ``--transfer`` and ``--init-from``, before anything is created. ``--init-from`` must name a
+    finished run of the same algorithm, suite, widths, activation and method options (``METHOD_OPTIONS``); every
+    difference is named with both values. Not re-checked on ``--resume`` (the checkpoint holds the weights)."""
+    names = make_suite(args.env_id).task_names
+    if args.train_tasks is not None:
+        unknown = [t for t in args.train_tasks if t not in names]
+        if unknown:
+            raise ArgError(f"--train-tasks: unknown task(s) {', '.join(unknown)} of {args.env_id}; allowed: {', '.join(names)}")
+        if not args.train_tasks:
+            raise ArgError("--train-tasks: give at least one task (or leave the flag out: every task of the suite)")
+        twice = sorted({t for t in args.train_tasks if list(args.train_tasks).count(t) > 1})
+        if twice:
+            raise ArgError(f"--train-tasks: {', '.join(twice)} given more than once")
+    if args.transfer not in TRANSFER_REGIMES:
+        raise ArgError(f"--transfer {args.transfer!r} is not allowed; choose one of: {', '.join(TRANSFER_REGIMES)}")
+    if args.transfer == "task-only" and not args.init_from:
+        raise ArgError("--transfer task-only trains only the task slots of a pre-trained network: it needs --init-from <run dir>")
+    if not args.init_from or resuming:
+        return
+    src = Path(args.init_from)
+    if not (src / "config.json").is_file():
+        raise ArgError(f"--init-from {str(src)!r}: not a run directory (no config.json there)")
+    if not (src / "summary.json").is_file() or not (src / CHECKPOINT_NAME).is_file():
+        raise ArgError(f"--init-from {str(src)!r}: the run has not finished (no summary.json or no {CHECKPOINT_NAME}); a transfer starts "
+                       "from a run's final weights")
+    saved = json.loads((src / "config.json").read_text())
+    if saved.get("algo") != algo:
+        raise ArgError(f"--init-from {str(src)!r}: the algorithm differs: this run {algo}, that run {saved.get('algo')}")
+    mine = jsonable(dataclasses.asdict(args))
+    diffs = [f"--{k.replace('_', '-')}: this run {mine.get(k)!r}, that run {saved['args'].get(k)!r}"
+             for k in (*INIT_FROM_MUST_MATCH, *METHOD_OPTIONS.get(algo, ())) if json.loads(json.dumps(mine.get(k))) != saved["args"].get(k)]
+    if diffs:
+        raise ArgError(f"--init-from {str(src)!r} is a different suite, network or method ({'; '.join(diffs)}); a transfer starts from "
+                       "a run of the same suite, widths, activation and method options")
+
+
+class LeaveOneOut:
+    """The LOO options of every multi-task script, written once (protocol.md section 7; context/loo.md).
+
+    - ``--train-tasks``: ``train_ids`` (suite ids, in the suite's order) are the tasks that get environments
+      (``make_vector_env``) and hence data; the network keeps a slot for every task of the suite, with the suite's
+      task ids, and evaluation covers every task of the suite.
+    - ``--init-from``: ``start`` loads the finished run's final weights and normalisation statistics (observations
+      and rewards; both keep updating), not its optimiser state nor its step counter.
+    - Which entries train (``start``, then ``mask_gradients`` after every backward and any gradient surgery, before
+      the clip): the slots of tasks outside ``--train-tasks`` never change (their gradient is zeroed: no data
+      reaches them, but a regulariser could, e.g. VarShare's KL on rho at sigma0, nonzero by float rounding), and
+      with ``--transfer task-only`` no shared entry changes either. A parameter without any trainable entry gets
+      ``requires_grad`` False and stays out of the optimiser (``trainable``); in a partly trainable one the frozen
+      entries always have a zero gradient, so a fresh Adam (m = v = 0) leaves them bit-identical."""
+
+    def __init__(self, args, suite):
+        self.args, self.suite = args, suite
+        chosen = set(suite.task_names if args.train_tasks is None else args.train_tasks)
+        self.train_ids = [i for i, name in enumerate(suite.task_names) if name in chosen]
+        self.train_names = [suite.task_names[i] for i in self.train_ids]
+        self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its frozen entries, broadcastable)
+        self.info = {"train_tasks": self.train_names, "fixed_slots": [n for n in suite.task_names if n not in chosen],
+                     "init_from": args.init_from, "transfer": args.transfer}
+
+    def make_vector_env(self, envs_per_task: int, seed: int, vector_mode: str = "sync"):
+        """``mtrl.envs.make_vector_env`` of the train tasks, with the suite's task ids (every task: the same envs and seeds)."""
+        sub = dataclasses.replace(self.suite, tasks=tuple(self.suite.tasks[i] for i in self.train_ids))
+        envs, sub_ids = make_vector_env(sub, envs_per_task, seed, vector_mode)
+        return envs, np.asarray(self.train_ids)[sub_ids]
+
+    def start(self, agent: torch.nn.Module, slots: list[tuple[torch.Tensor, int, int]], obs_norm, reward_scaler) -> None:
+        """After building the agent, before the optimiser. ``slots``: every per-task table of the agent as
+        ``(parameter, dim, offset)``: task t's slot is index ``offset + t`` along ``dim`` (a one-hot column of a first
+        layer, a row of an embedding, of VarShare's mu or of the log-std); every other entry is shared."""
+        args = self.args
+        if args.init_from and not args.resume:  # on resume the checkpoint holds the state
+            ckpt = torch.load(Path(args.init_from) / CHECKPOINT_NAME, weights_only=False, map_location="cpu")
+            try:
+                agent.load_state_dict(ckpt["agent"])
+            except RuntimeError as e:
+                fail(f"--init-from {args.init_from}: its weights do not fit this network: {e}")
+            obs_norm.load_state_dict(ckpt["obs_norm"])
+            reward_scaler.load_state_dict(ckpt["reward_scaler"])
+            self.info["init_from_step"] = ckpt["global_step"]
+        task_only, num_tasks = args.transfer == "task-only", self.suite.num_tasks
+        slot_of = {id(p): (dim, offset) for p, dim, offset in slots}
+        trainable = total = 0
+        for p in agent.parameters():
+            total += p.numel()
+            if id(p) not in slot_of:  # shared
+                p.requires_grad_(not task_only)
+                trainable += 0 if task_only else p.numel()
+                continue
+            dim, offset = slot_of[id(p)]
+            keep = torch.full((p.shape[dim],), not task_only)
+            keep[offset : offset + num_tasks] = False
+            keep[[offset + t for t in self.train_ids]] = True
+            shape = [1] * p.dim()
+            shape[dim] = -1
+            n = int(keep.sum()) * (p.numel() // p.shape[dim])
+            trainable += n
+            p.requires_grad_(n > 0)
+            if 0 < n < p.numel():
+                self.masks.append((p, (~keep).view(shape).to(p.device)))
+        if trainable == 0:
+            fail(f"--transfer {args.transfer}: nothing would train: this network has no task slot (e.g. --task-encoding none) and no log-std")
+        self.info.update(trainable_params=trainable, frozen_params=total - trainable)
+
+    @staticmethod
+    def trainable(params):
+        """The optimiser's parameters without the frozen ones: a list of parameters, or of parameter groups (kept, even empty)."""
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            return [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in params]
+        return [p for p in params if p.requires_grad]
+
+    def mask_gradients(self) -> None:
+        """Zero the gradient of every frozen entry of a partly trainable parameter (after backward and any gradient
+        surgery, before the clip: the clip then sees only what trains)."""
+        for p, frozen in self.masks:
+            if p.grad is not None:
+                p.grad.masked_fill_(frozen, 0.0)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Copy a study's small run files into the repository, so its tables and figures can be regenerated from a
+# clone and the study can later grow by more seeds instead of starting over:
+#   bash scripts/collect_results.sh runs/<study> context/results/<study>
+# Per finished run (a summary.json): config.json (with the repository's absolute path made relative), eval.jsonl, summary.json; and the sweep's grid.tsv (the
+# report names the runs of the grid that are missing). Checkpoints, TensorBoard files and logs stay out.
+# Then: .venv/bin/python scripts/report.py --runs-dir context/results/<study> --out context/results/<study>/report
+set -euo pipefail
+[ $# = 2 ] || { echo "usage: bash scripts/collect_results.sh RUNS_DIR DEST (e.g. runs/targets_mt10 context/results/targets_mt10)" >&2; exit 2; }
+src=$1 dest=$2
+repo=$(cd "$(dirname "$0")/.." && pwd)
+[ -d "$src" ] || { echo "collect_results.sh: error: runs dir '$src' does not exist" >&2; exit 2; }
+mkdir -p "$dest"
+n=0
+for summary in "$src"/*/summary.json; do
+  [ -f "$summary" ] || continue
+  run=$(dirname "$summary"); name=$(basename "$run")
+  case "$name" in *.incomplete-*) continue;; esac
+  mkdir -p "$dest/$name"
+  cp "$run/summary.json" "$dest/$name/"
+  sed "s#$repo/##g" "$run/config.json" >"$dest/$name/config.json"   # paths relative to the repository, not this machine's
+  [ ! -f "$run/eval.jsonl" ] || cp "$run/eval.jsonl" "$dest/$name/"
+  n=$((n + 1))
+done
+[ ! -f "$src/grid.tsv" ] || cp "$src/grid.tsv" "$dest/grid.tsv"
+echo "copied $n finished runs from $src to $dest"
