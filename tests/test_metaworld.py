@@ -128,3 +128,29 @@ def test_training_episodes_end_only_by_truncation_and_the_final_obs_is_kept():
     # the true last observation continues the episode (close to the previous one), the returned one is a reset
     assert np.abs(last - prev).max() < 0.1 and np.abs(obs - last).max() > 0.01
     envs.close()
+
+
+def test_mt10_config_anchor_preset_and_softmod_variants_parse_as_documented():
+    """configs/metaworld_mt10.toml (context/mt10_reference.md): the mtppo_reference preset carries the Meta-World+
+    MTPPO values that have a flag, and the compared softmod is the official network at its matched width."""
+    import tomllib
+
+    from mtrl.capacity import algo_module
+    from mtrl.run import parse_args
+
+    cfg = REPO / "configs" / "metaworld_mt10.toml"
+    methods = tomllib.loads(cfg.read_text())["methods"]
+
+    def preset(label):
+        algo, *flags = methods[label]
+        return parse_args(algo_module(algo).Args, algo, argv=["--config", str(cfg), *flags])
+
+    ref = preset("mtppo_reference")
+    assert (ref.hidden_sizes, ref.activation) == ((400, 400, 400), "relu")
+    assert not (ref.norm_obs or ref.norm_reward or ref.norm_adv or ref.anneal_lr or ref.clip_vloss)
+    assert (ref.max_grad_norm, ref.vf_coef, ref.learning_rate, ref.gamma, ref.gae_lambda) == (1.0, 0.001, 3e-4, 0.99, 0.97)
+    assert (ref.update_epochs, ref.num_minibatches, ref.clip_coef, ref.ent_coef, ref.envs_per_task) == (16, 32, 0.2, 5e-3, 1)
+    assert ref.task_encoding == "onehot"  # MW+ appends the one-hot too (use_one_hot = True)
+    official, paper = preset("softmod"), preset("softmod_paper")
+    assert (official.softmod_variant, official.hidden_sizes) == ("official", (100, 100))
+    assert (paper.softmod_variant, paper.hidden_sizes) == ("paper", (119, 119))

@@ -76,22 +76,27 @@ def reference_paper(net, s, t, act):
     return _lin(_vec(net.head.weight), _vec(net.head.bias), summed), phat
 
 
-def reference_official(net, s, t, act):
-    """Official code (ModularGatedCascadeCondNet): modules read act(F); gating MLP on act(F*H); each routing layer
-    conditions on all previous softmaxed probabilities; act after the weighted sum; a final routing vector."""
+def _relu(a):
+    return max(a, 0.0)
+
+
+def reference_official(net, s, t, act, gate=_relu):
+    """Official code (ModularGatedCascadeCondNet): modules read act(F); gating MLP on gate(F*H); each routing layer
+    conditions on all previous softmaxed probabilities; act after the weighted sum; a final routing vector. The routing
+    network (gate) is ReLU whatever act is, as in the official code; F and the modules use act."""
     f1, f2 = net.state_embedding[0], net.state_embedding[2]
     F = _lin(_vec(f2.weight), _vec(f2.bias), [act(a) for a in _lin(_vec(f1.weight), _vec(f1.bias), s)])
     onehot = [1.0 if k == t else 0.0 for k in range(net.task_embedding.in_features)]
     H = _lin(_vec(net.task_embedding.weight), _vec(net.task_embedding.bias), onehot)
-    emb = [act(a * b) for a, b in zip(F, H)]
+    emb = [gate(a * b) for a, b in zip(F, H)]
     g1, g2 = net.gating[0], net.gating[2]
-    emb = _lin(_vec(g2.weight), _vec(g2.bias), [act(a) for a in _lin(_vec(g1.weight), _vec(g1.bias), emb)])
+    emb = _lin(_vec(g2.weight), _vec(g2.bias), [gate(a) for a in _lin(_vec(g1.weight), _vec(g1.bias), emb)])
     n = net.n
-    raw = _lin(_vec(net.route_down[0].weight), _vec(net.route_down[0].bias), [act(a) for a in emb])
+    raw = _lin(_vec(net.route_down[0].weight), _vec(net.route_down[0].bias), [gate(a) for a in emb])
     weights = [[_softmax(raw[j * n:(j + 1) * n]) for j in range(n)]]
     flat = [x for row in weights[0] for x in row]
     for k, up in enumerate(net.route_up):
-        cond = [act(a * b) for a, b in zip(_lin(_vec(up.weight), _vec(up.bias), flat), emb)]
+        cond = [gate(a * b) for a, b in zip(_lin(_vec(up.weight), _vec(up.bias), flat), emb)]
         if k + 1 < len(net.route_down):
             raw = _lin(_vec(net.route_down[k + 1].weight), _vec(net.route_down[k + 1].bias), cond)
             weights.append([_softmax(raw[j * n:(j + 1) * n]) for j in range(n)])
@@ -108,7 +113,7 @@ def reference_official(net, s, t, act):
     return _lin(_vec(net.head.weight), _vec(net.head.bias), out), weights
 
 
-ACT = {"tanh": math.tanh, "relu": lambda a: max(a, 0.0)}
+ACT = {"tanh": math.tanh, "relu": _relu}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -129,6 +134,41 @@ def test_hand_sized_network_matches_the_equations_computed_with_loops(variant, a
                 torch.testing.assert_close(out[gi, m].double(), torch.tensor(ref_out, dtype=torch.float64), rtol=1e-5, atol=1e-6)
                 for layer, P in enumerate(ref_p):
                     torch.testing.assert_close(probs[layer][gi, m].double(), torch.tensor(P, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_official_routing_gate_is_relu_whatever_the_activation():
+    """--softmod-variant official: the routing network (gating MLP, the input of W_d, the conditioned features) is ReLU
+    under --activation tanh, as in the official code, while F(s) and the modules stay tanh; the paper variant keeps
+    --activation everywhere (its routing gate is tanh under tanh)."""
+    agent, _ = make_agent("official", seed=4, hidden_sizes=(3, 2, 4), num_tasks=3, num_modules=2, embedding_dim=4, activation="tanh")
+    paper, _ = make_agent("paper", seed=4, hidden_sizes=(3, 2, 4), num_tasks=3, num_modules=2, embedding_dim=4, activation="tanh")
+    for net in [agent.actor, agent.critic]:
+        assert isinstance(net.gating[1], torch.nn.ReLU) and isinstance(net.gate_activation, torch.nn.ReLU)
+        assert isinstance(net.state_embedding[1], torch.nn.Tanh) and isinstance(net.activation, torch.nn.Tanh)
+    for net in [paper.actor, paper.critic]:
+        assert not any(isinstance(m, torch.nn.ReLU) for m in net.modules()) and not hasattr(net, "gate_activation")
+        assert isinstance(net.activation, torch.nn.Tanh)
+    g = torch.Generator().manual_seed(12)
+    x, tasks = torch.randn(3, 2, 5, generator=g), torch.tensor([2, 0, 1])
+    net = agent.actor
+    out, probs, last = net(x, tasks, return_routing=True)
+    # the same network with a tanh gate routes differently (so the checks below can tell the two apart) ...
+    ref_tanh, p_tanh = reference_official(net, _vec(x[0, 0]), 2, math.tanh, gate=math.tanh)
+    ref_relu, p_relu = reference_official(net, _vec(x[0, 0]), 2, math.tanh, gate=_relu)
+    assert max(abs(a - b) for a, b in zip(p_tanh[0][0], p_relu[0][0])) > 1e-3
+    # ... and the network is the ReLU-gated one, computed with explicit loops
+    torch.testing.assert_close(out[0, 0].double(), torch.tensor(ref_relu, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    for layer, P in enumerate(p_relu):
+        torch.testing.assert_close(probs[layer][0, 0].double(), torch.tensor(P, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    # and with torch ops: the routing of a tanh network equals a hand-built ReLU gate on the same weights
+    F, cond = net.embed(x, tasks)
+    gate = net.gating(torch.relu(cond))
+    p1 = torch.softmax(net.route_down[0](torch.relu(gate)).view(*gate.shape[:-1], 2, 2), -1)
+    torch.testing.assert_close(probs[0], p1)
+    # the paper variant under tanh: its first routing layer reads tanh(F * H)
+    _, cond = paper.actor.embed(x, tasks)
+    p1 = torch.softmax(paper.actor.route_down[0](torch.tanh(cond)).view(*cond.shape[:-1], 2, 2), -1)
+    torch.testing.assert_close(paper.actor(x, tasks, return_routing=True)[1][0], p1)
 
 
 def test_hand_set_weights_route_as_specified():
@@ -226,6 +266,9 @@ def test_parameter_counts_by_hand_and_by_gradient_support(variant):
     assert counts["active_per_task"] == counts["inference"] == total - 3 * (16 + 16 + 3)
     # independent check: the scalars with a non-zero gradient from one task's forward pass are exactly the active ones
     agent, _ = make_agent(variant, activation="tanh")
+    if variant == "official":  # its ReLU routing gate has units dead for every input of a task (zero gradient although the
+        for net in [agent.actor, agent.critic]:  # weights enter the forward pass): count the support with a tanh gate
+            net.gate_activation = net.gating[1] = torch.nn.Tanh()
     x, act = torch.randn(1, 6, 5), torch.randn(1, 6, 3)
     _, logp, _, value = agent.get_action_and_value(x, torch.tensor([2]), act)
     (logp.sum() + value.sum()).backward()

@@ -6,8 +6,9 @@ into soft routing probabilities between consecutive layers of ``n`` modules (for
 next layer, a softmax over the modules of the previous layer); the last layer's modules are summed and
 an output head reads the sum. ``--softmod-variant official`` switches to the official code's network
 (gating MLP, routing conditioned on all previous probabilities, activation after the weighted sum, a
-final routing vector). The paper's SAC-temperature loss reweighting has no PPO counterpart and is left
-out. Definitions and every departure: context/softmod.md; this file is ppo_mtl_embed plus the method.
+final routing vector); its routing network uses ReLU whatever ``--activation`` is, as the official code
+does. The paper's SAC-temperature loss reweighting has no PPO counterpart and is left out.
+Definitions and every departure: context/softmod.md; this file is ppo_mtl_embed plus the method.
 LOO (``--train-tasks``, ``--init-from``, ``--transfer``): task k's slot is its task embedding, column k of the weight of h (the
 linear map of the one-hot) in actor and critic, and row k of the log-std (``task_slots``); h's bias is shared.
 Run: ``python src/algos/ppo_softmod.py --config configs/toy_cartpole_mt10.toml``.
@@ -173,7 +174,10 @@ class SoftModularNetwork(nn.Module):
         num_routes = len(widths) - 1
         if self.official:
             feat = widths[0]  # the official gating MLP is as wide as a module (256 and 256)
-            self.gating = nn.Sequential(layer_init(nn.Linear(dim, feat)), ACTIVATIONS[args.activation](), layer_init(nn.Linear(feat, feat)))
+            # the official routing network (gating MLP, W_d input, conditioned features) uses ReLU whatever --activation is;
+            # the state embedding and the modules keep --activation (context/softmod.md section 3)
+            self.gate_activation = nn.ReLU()
+            self.gating = nn.Sequential(layer_init(nn.Linear(dim, feat)), nn.ReLU(), layer_init(nn.Linear(feat, feat)))
             self.route_up = nn.ModuleList([layer_init(nn.Linear(k * n * n, feat)) for k in range(1, num_routes + 1)])  # reads all previous p-hat
             self.route_last = layer_init(nn.Linear(feat, n), std=0.01)  # the final routing vector over the last layer's modules
         else:
@@ -196,10 +200,11 @@ class SoftModularNetwork(nn.Module):
             for up, down in zip(self.route_up, self.route_down[1:]):
                 logits.append(down(act(up(logits[-1]) * cond)))  # p^(l+1) = W_d^(l+1) act((W_u^(l+1) p^l) * f(s) * h(z))
             return [torch.softmax(p.view(shape), -1) for p in logits], None
-        cond = self.gating(act(cond))
-        probs = [torch.softmax(self.route_down[0](act(cond)).view(shape), -1)]
+        relu = self.gate_activation  # official: ReLU throughout the routing network, whatever --activation is
+        cond = self.gating(relu(cond))
+        probs = [torch.softmax(self.route_down[0](relu(cond)).view(shape), -1)]
         for k, up in enumerate(self.route_up):
-            feats = act(up(torch.cat([p.flatten(-2) for p in probs], -1)) * cond)
+            feats = relu(up(torch.cat([p.flatten(-2) for p in probs], -1)) * cond)
             if k + 1 < len(self.route_down):
                 probs.append(torch.softmax(self.route_down[k + 1](feats).view(shape), -1))
             else:
