@@ -352,7 +352,7 @@ def residual_directions(env_id: str, label: str, runs: list[dict], out: Path) ->
     ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
     for i in range(len(tasks)):
         for j in range(len(tasks)):
-            ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=5)
+            ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=9 if len(tasks) <= 5 else 5)
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(f"{label}: cosine of residual means, task x task ({len(runs)} seeds)", fontsize=9)
     fig.tight_layout()
