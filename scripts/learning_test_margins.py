@@ -6,7 +6,7 @@
 The runs come from ``bash scripts/sweep.sh --config configs/toy_cartpole_targets_mt3.toml --methods
 mtl_embed,varshare,l2soft,pcgrad,paco,softmod --seeds 1-10 -j 2 --runs-dir runs/learning_tests`` (and, for the
 softmod test on toy/CartPole-MT10, ``--config configs/toy_cartpole_mt10.toml --methods softmod
---total-timesteps 1024000``). For each method: the test's metric on every seed, its minimum, how many seeds
+--total-timesteps 1024000 --runs-dir runs/learning_tests_softmod``), copied with scripts/collect_results.sh. For each method: the test's metric on every seed, its minimum, how many seeds
 miss the threshold, and the chance that a two-seed test (seed 1, then seed 2 if seed 1 misses) fails, if
 seeds miss independently at the measured rate.
 """
@@ -31,16 +31,17 @@ def off_centre_return(summary: dict) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs-dir", type=Path, default=REPO / "context" / "results" / "learning_tests")
+    p.add_argument("--runs-dir", type=Path, nargs="+",
+                   default=[REPO / "context" / "results" / "learning_tests", REPO / "context" / "results" / "learning_tests_softmod"])
     a = p.parse_args()
     per = defaultdict(dict)
-    for f in sorted(a.runs_dir.glob("*/summary.json")):
+    for f in sorted(f for d in a.runs_dir for f in d.glob("*/summary.json")):
         s = json.loads(f.read_text())
         env_id = json.loads((f.parent / "config.json").read_text())["args"]["env_id"]
         label = f.parent.name.rsplit("__s", 1)[0]
         per[(env_id, label)][s["seed"] if "seed" in s else int(f.parent.name.rsplit("__s", 1)[1])] = s
     if not per:
-        raise SystemExit(f"error: no finished run (summary.json) under {a.runs_dir}")
+        raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, a.runs_dir))}")
     print(f"toy/CartPole-Targets-MT3: mean evaluation return over {', '.join(OFF_CENTRE)}; any task-blind policy "
           f"scores at most {TASK_BLIND_CEILING:.1f}.\n")
     print("| method | seeds | per seed (1, 2, ...) | min | median | threshold | seeds below | P(two-seed test fails) |")
@@ -58,7 +59,7 @@ def main() -> None:
         med = sorted(vals)[len(vals) // 2]
         print(f"| {label}{'' if env_id == 'toy/CartPole-Targets-MT3' else f' ({env_id}, mean success)'} | {len(vals)} | "
               f"{' '.join(fmt(v) for v in vals)} | {fmt(min(vals))} | {fmt(med)} | {'-' if thr is None else fmt(thr)} | "
-              f"{'-' if below is None else below} | {'(not tested here)' if rate is None else f'{rate ** (2 if label in MT_TESTS else 1):.2f}'} |")
+              f"{'-' if below is None else below} | {'(not tested here)' if rate is None else f'{rate ** 2:.2f}'} |")
 
 
 if __name__ == "__main__":
