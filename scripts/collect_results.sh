@@ -9,6 +9,7 @@ set -euo pipefail
 [ $# = 2 ] || { echo "usage: bash scripts/collect_results.sh RUNS_DIR DEST (e.g. runs/targets_mt10 context/results/targets_mt10)" >&2; exit 2; }
 src=$1 dest=$2
 repo=$(cd "$(dirname "$0")/.." && pwd)
+origin=$(git -C "$src" rev-parse --show-toplevel 2>/dev/null || echo "$repo")   # the checkout the runs were made in
 [ -d "$src" ] || { echo "collect_results.sh: error: runs dir '$src' does not exist" >&2; exit 2; }
 mkdir -p "$dest"
 n=0
@@ -18,7 +19,7 @@ for summary in "$src"/*/summary.json; do
   case "$name" in *.incomplete-*) continue;; esac
   mkdir -p "$dest/$name"
   cp "$run/summary.json" "$dest/$name/"
-  sed "s#$repo/##g" "$run/config.json" >"$dest/$name/config.json"   # paths relative to the repository, not this machine's
+  sed -e "s#$origin/##g" -e "s#$repo/##g" "$run/config.json" >"$dest/$name/config.json"   # paths relative to the checkout, not this machine's
   [ ! -f "$run/eval.jsonl" ] || cp "$run/eval.jsonl" "$dest/$name/"
   n=$((n + 1))
 done
