@@ -404,3 +404,27 @@ def test_evaluation_never_changes_training(tmp_path, algo):
     assert finals[0].keys() == finals[1].keys()
     for k in finals[0]:
         assert torch.equal(finals[0][k], finals[1][k]), k
+
+
+def test_collect_results_copies_the_small_files_with_relative_paths(tmp_path):
+    """scripts/collect_results.sh: per finished run config.json (this checkout's absolute path removed),
+    eval.jsonl and summary.json; no checkpoints, event files or logs; unfinished runs left out."""
+    runs = tmp_path / "runs"
+    done, unfinished = runs / "embed__s1", runs / "embed__s2"
+    for d in (done, unfinished):
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "checkpoints" / "latest.pt").write_bytes(b"x")
+        (d / "events.out.tfevents.1").write_bytes(b"x")
+        (d / "config.json").write_text(json.dumps({"args": {"runs_dir": f"{REPO}/runs/study"}, "command": [f"{REPO}/.venv/bin/python"]}))
+        (d / "eval.jsonl").write_text("{}\n")
+    (done / "summary.json").write_text("{}")
+    (runs / "grid.tsv").write_text("embed__s1\tppo_mtl_embed\t\nembed__s2\tppo_mtl_embed\t\n")
+    dest = tmp_path / "results"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "collect_results.sh"), str(runs), str(dest)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (dest / "embed__s1").iterdir()) == ["config.json", "eval.jsonl", "summary.json"]
+    assert not (dest / "embed__s2").exists() and (dest / "grid.tsv").is_file()
+    config = json.loads((dest / "embed__s1" / "config.json").read_text())
+    assert config == {"args": {"runs_dir": "runs/study"}, "command": [".venv/bin/python"]}
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "collect_results.sh"), str(tmp_path / "nope"), str(dest)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope" in bad.stderr
