@@ -204,7 +204,10 @@ def test_sweep_ctrl_c_stops_runs_with_a_checkpoint_and_a_second_sweep_leaves_run
            "--total-timesteps", "5000000", "--checkpoint-every", "0", "--eval-every", "0"]
 
     def start_and_wait_for(marker: str):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+        # SIGINT at its default in the sweep: a shell started with SIGINT ignored (as a background job of a
+        # non-interactive shell is) cannot trap it, so the test must not inherit how pytest itself was started
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 300  # generous: a loaded machine starts python and torch slowly
         logs = [runs / "logs" / f"embed__s{s}.log" for s in (1, 2)]
         while not all(log.is_file() and marker in log.read_text() for log in logs):
