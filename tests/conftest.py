@@ -18,7 +18,7 @@ def algo_cmd(algo: str, *args: str) -> list[str]:
     return [sys.executable, str(ALGOS / f"{algo}.py"), "--no-progress", *args]
 
 
-def run_algo(algo: str, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_algo(algo: str, *args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(algo_cmd(algo, *args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     if check and proc.returncode != 0:

@@ -67,7 +67,7 @@ def test_multitask_method_beats_the_task_blind_ceiling_on_cartpole_targets_mt3(r
     for seed in SEEDS:
         d = runs_dir / f"s{seed}"
         run_algo(algo, "--config", MT3, *flags, "--seed", str(seed), "--total-timesteps", str(budget), "--runs-dir", str(d),
-                 "--eval-every", "0", "--checkpoint-every", "0", timeout=1200)
+                 "--eval-every", "0", "--checkpoint-every", "0", timeout=1800)
         summary = json.loads((only_run(d) / "summary.json").read_text())
         seen[seed] = (sum(summary["final_return"][t] for t in OFF_CENTRE) / len(OFF_CENTRE), summary["final_return"])
         if seen[seed][0] >= threshold:
@@ -85,7 +85,7 @@ def test_softmod_solves_cartpole_mt10_within_half_its_budget(runs_dir):
     for seed in SEEDS:  # the second runs only if the first misses, as above
         d = runs_dir / f"s{seed}"
         run_algo("ppo_softmod", "--config", "configs/toy_cartpole_mt10.toml", "--seed", str(seed), "--total-timesteps", "1024000",
-                 "--runs-dir", str(d), "--eval-every", "0", "--checkpoint-every", "0", timeout=1200)
+                 "--runs-dir", str(d), "--eval-every", "0", "--checkpoint-every", "0", timeout=1800)
         summary = json.loads((only_run(d) / "summary.json").read_text())
         seen[seed] = summary["final_success"]
         if summary["mean_success"] >= 0.6:
