@@ -154,7 +154,7 @@ def test_sweeps_started_together_keep_every_line_of_the_grid_file(tmp_path):
     procs = [subprocess.Popen([*SWEEP, "--config", str(cfg), "--methods", "broken", "--seeds", str(s), "--runs-dir", str(runs)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for s in range(1, 7)]
     for p in procs:
-        p.communicate(timeout=300)
+        p.communicate(timeout=1200)
         assert p.returncode == 1  # the preset's --gamma 1.5 is refused: every run fails, each in its own sweep
     names = [line.split("\t")[0] for line in (runs / "grid.tsv").read_text().splitlines()]
     assert sorted(names) == [f"broken__s{s}" for s in range(1, 7)]
@@ -188,7 +188,7 @@ def test_sweep_writes_a_slurm_array_with_the_requested_resources(tmp_path):
     # what one array task does, without Slurm: array index 1 runs the second run of the grid
     import os
 
-    task = subprocess.run(["bash", str(next((runs / "slurm").glob("sweep-*.sbatch")))], capture_output=True, text=True, timeout=300,
+    task = subprocess.run(["bash", str(next((runs / "slurm").glob("sweep-*.sbatch")))], capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"})
     assert task.returncode == 0 and "[ok     ] embed__s5" in task.stdout, task.stdout + task.stderr
     assert (runs / "embed__s5" / "summary.json").is_file() and not (runs / "embed__s3").exists()
@@ -220,7 +220,7 @@ def test_sweep_ctrl_c_stops_runs_with_a_checkpoint_and_a_second_sweep_leaves_run
     os.killpg(first.pid, signal.SIGINT)
     time.sleep(0.3)
     os.killpg(first.pid, signal.SIGINT)  # an impatient second Ctrl-C must not cost the runs their checkpoint
-    out, err = first.communicate(timeout=300)
+    out, err = first.communicate(timeout=1200)
     assert first.returncode == 130, out + err
     assert "[stopped] embed__s1" in out and "[stopped] embed__s2" in out and "the same command resumes them" in err
     for s in (1, 2):
@@ -229,10 +229,10 @@ def test_sweep_ctrl_c_stops_runs_with_a_checkpoint_and_a_second_sweep_leaves_run
 
     # the same command resumes them; a second sweep started meanwhile leaves both alone
     again = start_and_wait_for("resumed")
-    second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert second.returncode == 0 and second.stdout.count("[busy]") == 2, second.stdout + second.stderr
     os.kill(again.pid, signal.SIGTERM)  # SIGTERM to the sweep alone also stops its runs
-    out, err = again.communicate(timeout=300)
+    out, err = again.communicate(timeout=1200)
     assert again.returncode == 130 and out.count("[stopped]") == 2, out + err
 
 
@@ -309,7 +309,7 @@ def test_report_numbers_equal_a_direct_computation(tmp_path):
             fake_run(runs, f"single__{t}__s{s + 1}", "ppo_single", s + 1, {t: float(oracle[s, j])}, task=t, steps=(100, 200, 300), wall=6.0)
 
     out = tmp_path / "report"
-    proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--reps", "2000"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--reps", "2000"], capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr and "Warnings" not in (out / "report.md").read_text()
     text = (out / "report.md").read_text()
@@ -364,7 +364,7 @@ def test_report_lists_every_missing_unfinished_or_partial_run(tmp_path):
 
     out = tmp_path / "report"
     proc = subprocess.run([*REPORT, "--runs-dir", str(runs), str(other), "--out", str(out), "--reps", "200"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     text = (out / "report.md").read_text()
     expected = [f"{runs / 'embed__s3'}: not finished (no summary.json; last evaluation at step 3,000)",
@@ -384,7 +384,7 @@ def test_report_lists_every_missing_unfinished_or_partial_run(tmp_path):
 
 def test_param_table_prints_every_preset_of_every_config():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "param_table.py"), "configs/toy_cartpole_mt10.toml"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line}
     assert {"single", "mtl_embed", "varshare", "l2soft", "pcgrad", "paco", "softmod"} <= set(rows)

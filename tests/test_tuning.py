@@ -40,7 +40,7 @@ total_timesteps = 20480
 """
 
 
-def run(cmd, cwd=REPO, timeout=300):
+def run(cmd, cwd=REPO, timeout=1200):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
