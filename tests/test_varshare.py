@@ -124,6 +124,18 @@ def test_logprob_recomputed_with_stored_noise_equals_rollout_logprob(noise):
     assert (other - logps).abs().max() > 1e-3
 
 
+def assert_cached_weights_give_the_same_outputs(agent, obs, tasks, eps, weights):
+    """Actions, log-probs and values with the rollout's cached weights equal those of the forward that builds
+    the weights itself, bit for bit; returns the actions."""
+    with torch.no_grad():
+        a, lp, _, v = agent.get_action_and_value(obs, tasks, eps, deterministic=True)
+        a2, lp2, _, v2 = agent.get_action_and_value(obs, tasks, eps, deterministic=True, weights=weights)
+        v3 = agent.get_value(obs, tasks, eps, weights=weights)
+    for x, y in ((a, a2), (lp, lp2), (v, v2), (v, v3)):
+        assert torch.equal(x, y)
+    return a
+
+
 @pytest.mark.parametrize("kw", [dict(noise="rollout"), dict(noise="mean"), dict(residual="l2")])
 def test_rollout_weights_computed_once_give_bit_identical_outputs(kw):
     """The rollout computes each env's weights once per iteration; a forward with them must equal the
@@ -135,12 +147,7 @@ def test_rollout_weights_computed_once_give_bit_identical_outputs(kw):
     eps = agent.sample_weight_noise(5) if kw.get("noise") == "rollout" else None
     weights = agent.rollout_weights(tasks, eps)
     assert len(weights) == len(agent.actor) + len(agent.critic) and weights[0].shape == (5, agent.actor[0].out_features, 5)
-    with torch.no_grad():
-        a, lp, ent, v = agent.get_action_and_value(obs, tasks, eps, deterministic=True)
-        a2, lp2, ent2, v2 = agent.get_action_and_value(obs, tasks, eps, deterministic=True, weights=weights)
-        v3 = agent.get_value(obs, tasks, eps, weights=weights)
-    for x, y in ((a, a2), (lp, lp2), (v, v2), (v, v3)):
-        assert torch.equal(x, y)
+    a = assert_cached_weights_give_the_same_outputs(agent, obs, tasks, eps, weights)
     if eps is not None:  # and the weights carry the noise: without it the outputs differ
         assert not torch.equal(a, agent.get_action_and_value(obs, tasks, None, deterministic=True, weights=agent.rollout_weights(tasks))[0])
     assert make_agent(noise="step")[0].rollout_weights(tasks) is None  # step mode draws per sample: nothing to cache
@@ -519,12 +526,7 @@ def test_rollout_weights_stay_bit_identical_with_the_options(kw):
     eps = agent.sample_weight_noise(5) if agent.noise_mode == "rollout" else None
     weights = agent.rollout_weights(tasks, eps)
     assert len(weights) == len(agent.named_varshare_layers())
-    with torch.no_grad():
-        a, lp, _, v = agent.get_action_and_value(obs, tasks, eps, deterministic=True)
-        a2, lp2, _, v2 = agent.get_action_and_value(obs, tasks, eps, deterministic=True, weights=weights)
-        v3 = agent.get_value(obs, tasks, eps, weights=weights)
-    for x, y in ((a, a2), (lp, lp2), (v, v2), (v, v3)):
-        assert torch.equal(x, y)
+    assert_cached_weights_give_the_same_outputs(agent, obs, tasks, eps, weights)
 
 
 @pytest.mark.parametrize("critic", ["varshare", "onehot"])
