@@ -19,7 +19,8 @@ run's mean success first reaches 0.9); active / inference / total parameters; wa
 per-task table of mean +- sample std over seeds; the probability of improvement of the reference
 method over each other method with its 95% CI; for every preset ``<label>`` that has a tuned twin
 ``<label>_tuned`` (scripts/tune.py --write), the two side by side; with ``--tuning-report``, the tuning
-table of scripts/tune.py), ``curves_<benchmark>.png`` (IQM and mean success vs
+table of scripts/tune.py; with ``--ablation CONFIG``, the L2Soft vs VarShare ablation of the config's
+``[ablation]`` table, protocol.md section 8), ``curves_<benchmark>.png`` (IQM and mean success vs
 total environment steps, 95% CI bands), ``profiles_<benchmark>.png`` (performance profiles),
 ``varshare_<benchmark>_<label>.png`` (KL and residual size per task over training, for VarShare runs),
 and ``summary.csv`` / ``per_task.csv`` with the numbers of the tables. Bootstrap seeds are fixed, so a
@@ -211,11 +212,12 @@ def warnings_section(warnings_: list[str], heading: str) -> list[str]:
 
 
 def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000, tuning: bool = False,
-                 tuning_report: Path | None = None) -> str:
+                 tuning_report: Path | None = None, ablation: Path | None = None) -> str:
     from rliable import metrics
 
     if tuning_report is not None and not tuning_report.is_file():
         raise SystemExit(f"error: --tuning-report {tuning_report}: no such file (scripts/tune.py writes <out>/tuning.md)")
+    groups = read_ablation(ablation) if ablation is not None else {}
     runs, warnings_ = load_runs(runs_dirs)
     if not runs:
         raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, runs_dirs))}")
@@ -279,6 +281,7 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
             for label in sorted(set(score_dict) - set(others) - {reference}):
                 lines.append(f"- {label}: not comparable with {reference} (different task sets)")
         lines.append("")
+        lines += ablation_section(groups, {k[1]: k for k in keys}, score_dict, point, ci, curves, members)
         plot_benchmark(env_id, {k[1]: curves[k] for k in keys}, score_dict, out, reps)
         stem = env_id.replace("/", "-")
         lines += [f"![curves](curves_{stem}.png) ![profiles](profiles_{stem}.png)", ""]
@@ -295,6 +298,76 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text
+
+
+EARLY_FRACTION = 0.25  # the ablation's early AUC: evaluations in the first quarter of the budget
+
+
+def read_ablation(config: Path) -> dict[str, list[str]]:
+    """The config's ``[ablation]`` table (protocol.md section 8): group name -> [methods] labels, in the table's order."""
+    import tomllib
+
+    if not config.is_file():
+        raise SystemExit(f"error: --ablation {config}: no such config file")
+    data = tomllib.loads(config.read_text())
+    table, methods = data.get("ablation"), data.get("methods", {})
+    if not isinstance(table, dict) or not table or not all(isinstance(v, list) and v for v in table.values()):
+        raise SystemExit(f"error: --ablation {config}: needs an [ablation] table of groups, each a non-empty list of [methods] labels")
+    unknown = [label for labels in table.values() for label in labels  # <label>_tuned: written by scripts/tune.py --write
+               if label not in methods and not (label.endswith("_tuned") and label[: -len("_tuned")] in methods)]
+    if unknown:
+        raise SystemExit(f"error: [ablation] in {config}: {', '.join(unknown)} not in its [methods] table; allowed: {', '.join(methods)}")
+    return table
+
+
+def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci: dict, curves: dict, members: dict) -> list[str]:
+    """One table per ablation group: final success (mean, 95% CI), early AUC (mean success over the evaluations in the
+    first quarter of the budget) and AUC (all evaluations), the residual price each task pays (final KL in nats; L2Soft
+    and mean mode: the KL's mean part, i.e. the penalty at the matched price over beta) and the residual directions
+    (mean and most negative off-diagonal cosine of the task x task residual-mean cosines), mean over seeds."""
+    lines = []
+    for group, labels in groups.items():
+        present = [label for label in labels if label in score_dict]
+        missing = [label for label in labels if label not in score_dict]
+        if not present:
+            continue
+        tasks = score_dict[present[0]].shape[1]
+        lines += [f"### Ablation: {group} (protocol.md section 8)", "",
+                  f"Early AUC: mean success over the evaluations in the first {EARLY_FRACTION:.0%} of the budget; AUC: over all. "
+                  "KL: final KL(q_t || p) per task in nats, summed over tasks (L2Soft and mean mode: its mean part, the matched "
+                  "penalty / beta). Cosines: off-diagonal entries of the task x task cosine of the residual means.", "",
+                  "| method | runs | mean success | early AUC | AUC | total KL | largest task KL | mean cosine | lowest cosine |",
+                  "|---|---:|---|---:|---:|---:|---|---:|---:|"]
+        task_kl = {}
+        for label in present:
+            steps, curve = curves[keys[label]]
+            early = [j for j, st in enumerate(steps) if st <= EARLY_FRACTION * steps[-1]] if steps else []
+            early_auc = f"{curve[:, :, early].mean():.3f}" if early else "-"
+            runs = members[keys[label]]
+            kl = [r["summary"].get("final_kl") or {} for r in runs]
+            kl_cells, cos_cells = ["-", "-"], ["-", "-"]
+            if kl and all(kl):
+                names = list(runs[0]["summary"]["final_success"])
+                per_task = {t: float(np.mean([k.get(f"varshare/kl_mean_part/{t}", 0.0) + k.get(f"varshare/kl_var_part/{t}", 0.0) for k in kl]))
+                            for t in names}
+                task_kl[label] = per_task
+                top = max(per_task, key=per_task.get)
+                kl_cells = [f"{sum(per_task.values()):.1f}", f"{top} {per_task[top]:.1f}"]
+            if all(r["summary"].get("residual_cosine") for r in runs):
+                cos = np.mean([np.asarray(r["summary"]["residual_cosine"]) for r in runs], 0)
+                off = cos[~np.eye(len(cos), dtype=bool)]
+                cos_cells = [f"{off.mean():+.2f}", f"{off.min():+.2f}"]
+            lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | {early_auc} | "
+                         f"{curve.mean():.3f} | {' | '.join(kl_cells)} | {' | '.join(cos_cells)} |")
+        if task_kl:
+            names = list(next(iter(task_kl.values())))
+            lines += ["", f"Final KL per task, nats (mean over seeds; {tasks} tasks):", "", "| method | " + " | ".join(names) + " |",
+                      "|---|" + "---:|" * len(names)]
+            lines += [f"| {label} | " + " | ".join(f"{v[t]:.1f}" for t in names) + " |" for label, v in task_kl.items()]
+        if missing:
+            lines += ["", f"Not run yet in this group: {', '.join(missing)}."]
+        lines.append("")
+    return lines
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -427,9 +500,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
     p.add_argument("--tuning", action="store_true", help="read a pure tuning runs dir (seeds >= 101); without it such runs are refused")
     p.add_argument("--tuning-report", type=Path, default=None, help="a tuning.md of scripts/tune.py to include in report.md")
+    p.add_argument("--ablation", type=Path, default=None, help="a config with an [ablation] table: add its groups' tables (protocol.md section 8)")
     a = p.parse_args()
     check_inputs(a.runs_dir, a.reps)
-    print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps, a.tuning, a.tuning_report))
+    print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps, a.tuning, a.tuning_report, a.ablation))
 
 
 if __name__ == "__main__":

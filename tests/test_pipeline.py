@@ -54,8 +54,9 @@ def test_config_widths_are_the_matched_ones():
             if isinstance(grid, dict):
                 presets.update({f"{label}@{name}": [*methods[label], *flags] for name, flags in grid.items()})
         target = count_params("ppo_mtl_embed", make_args("ppo_mtl_embed", str(cfg)))["active_per_task"]
+        equal_width = set(data.get("ablation", {}).get("equal_width", []))  # the ablation's equal-width table: 64x64 on purpose
         for label, (algo, *flags) in presets.items():
-            if algo == "ppo_single" or "--task-encoding" in flags or label.startswith("mtppo_reference"):  # mtppo_reference*: an anchor to a published number, not a compared method
+            if algo == "ppo_single" or "--task-encoding" in flags or label.startswith("mtppo_reference") or label in equal_width:  # mtppo_reference*: an anchor to a published number, not a compared method
                 continue
             args = parse_args(algo_module(algo).Args, algo, argv=["--config", str(cfg), *flags])
             active = count_params(algo, args)["active_per_task"]
@@ -253,7 +254,7 @@ def test_sweep_under_a_real_single_node_slurm(tmp_path):
 # ---- the report, on synthetic runs with known per-task successes ----
 
 def fake_run(runs: Path, name: str, algo: str, seed: int, success: dict, task: str | None = None, finished: bool = True,
-             diag: bool = False, steps=(1000, 2000, 3000), wall: float = 60.0):
+             diag: bool = False, steps=(1000, 2000, 3000), wall: float = 60.0, extra: dict | None = None):
     """A run folder as the algorithm scripts write it, with a curve rising linearly to ``success``."""
     d = runs / name
     d.mkdir(parents=True)
@@ -272,7 +273,7 @@ def fake_run(runs: Path, name: str, algo: str, seed: int, success: dict, task: s
     if finished:
         (d / "summary.json").write_text(json.dumps({"final_success": success, "mean_success": float(np.mean(list(success.values()))),
                                                     "params": {"active_per_task": 100, "inference": 90, "total": 1000},
-                                                    "wall_clock_s": wall, "mean_SPS": 1000.0}))
+                                                    "wall_clock_s": wall, "mean_SPS": 1000.0, **(extra or {})}))
 
 
 def stratified_bootstrap(x: np.ndarray, stat, reps: int, rng) -> tuple[float, float]:
@@ -343,6 +344,44 @@ def test_report_numbers_equal_a_direct_computation(tmp_path):
     for png in ("curves_toy-CartPole-MT10.png", "profiles_toy-CartPole-MT10.png", "varshare_toy-CartPole-MT10_varshare.png"):
         assert (out / png).stat().st_size > 5000, png
         assert png in text
+
+
+def test_report_ablation_section_numbers_by_hand(tmp_path):
+    """--ablation CONFIG: one table per [ablation] group, rows in the group's order, early AUC over the first quarter
+    of the budget, per-task KL and the residual cosines, each equal to a hand computation; labels not run are named."""
+    tasks = ["a", "b", "c"]
+    steps = tuple(range(1000, 9000, 1000))  # 8 evaluations, the first two in the first quarter
+    runs = tmp_path / "runs"
+    cos = np.array([[1.0, 0.5, -0.2], [0.5, 1.0, -0.6], [-0.2, -0.6, 1.0]])
+    finals = {"varshare": [0.8, 0.4, 1.0], "l2soft": [0.6, 0.2, 0.4]}
+    for label, final in finals.items():
+        for seed in (1, 2):
+            kl = {f"varshare/kl_mean_part/{t}": 2.0 * seed + i for i, t in enumerate(tasks)} | {f"varshare/kl_var_part/{t}": 0.5 for t in tasks}
+            fake_run(runs, f"{label}__s{seed}", "ppo_varshare", seed, dict(zip(tasks, final)), steps=steps,
+                     extra={"final_kl": kl, "residual_cosine": cos.tolist()})
+    config = tmp_path / "c.toml"
+    config.write_text('[methods]\nvarshare = ["ppo_varshare"]\nl2soft = ["ppo_varshare", "--residual", "l2"]\nvarshare_step = ["ppo_varshare"]\n'
+                      '[ablation]\nmatched = ["l2soft", "varshare", "varshare_step", "l2soft_tuned"]\n')
+    out = tmp_path / "report"
+    proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--reps", "200", "--ablation", str(config)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    section = (out / "report.md").read_text().split("### Ablation: matched")[1]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| l2soft |") or line.startswith("| varshare |")]
+    assert [r[0].strip() for r in rows][:2] == ["l2soft", "varshare"]  # the group's order
+    for label, row in zip(["l2soft", "varshare"], rows[:2]):
+        x = np.mean(finals[label])
+        assert row[2].strip().startswith(f"{x:.3f} [")
+        assert float(row[3]) == pytest.approx(x * (1 + 2) / 8 / 2, abs=1e-3)  # early: evaluations at 1/8 and 2/8 of the final
+        assert float(row[4]) == pytest.approx(x * 4.5 / 8, abs=1e-3)
+        per_task = [np.mean([2.0 * s + i + 0.5 for s in (1, 2)]) for i in range(3)]  # 3.5, 4.5, 5.5
+        assert float(row[5]) == pytest.approx(sum(per_task), abs=0.05) and row[6].strip() == "c 5.5"
+        assert row[7].strip() == f"{np.mean([0.5, -0.2, 0.5, -0.6, -0.2, -0.6]):+.2f}" and row[8].strip() == "-0.60"
+    assert "| varshare | 3.5 | 4.5 | 5.5 |" in section
+    assert "Not run yet in this group: varshare_step, l2soft_tuned." in section
+    config.write_text('[methods]\nvarshare = ["ppo_varshare"]\n[ablation]\nmatched = ["varshare", "nope"]\n')
+    proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--ablation", str(config)], capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert proc.returncode != 0 and "nope not in its [methods] table" in proc.stderr
 
 
 def test_report_lists_every_missing_unfinished_or_partial_run(tmp_path):

@@ -594,3 +594,43 @@ def test_exact_ratio_with_every_combination_of_options(runs_dir, mode, critic_no
     devs = [v for _, v in tags["debug/first_minibatch_max_ratio_dev"]]
     assert len(devs) == 2 and max(devs) < 1e-4, devs
     assert ("varshare/centering/critic.0" in tags) == (critic == "varshare")
+
+
+def test_fixed_sigma_keeps_sigma_at_sigma0_counts_mu_only_and_is_refused_where_it_cannot_act():
+    """--fixed-sigma (protocol's ablation row): rho is a saved buffer that no optimiser step moves, so the KL is its
+    mean part alone, rho is not active, and the weight noise keeps its prior scale."""
+    for bias in (False, True):
+        agent, args = make_agent(discrete=False, fixed_sigma=True, bias_residual=bias, noise="rollout")
+        names = dict(agent.named_parameters())
+        assert not any(n.split(".")[-1] in ("rho", "rho_b") for n in names)
+        assert any(n.endswith(".rho") for n in agent.state_dict())  # saved with the weights (checkpoints, --init-from)
+        optimizer = torch.optim.Adam(vs.param_groups(agent, args), lr=0.01)
+        obs, tasks = torch.randn(4, 8, 5), torch.arange(4)
+        for _ in range(3):  # a data term through the noisy actor plus the KL: mu moves, sigma does not
+            _, logp, _, value = agent.get_action_and_value(obs, tasks, agent.sample_weight_noise(4), torch.randn(4, 8, 3))
+            loss = agent.residual_penalty(1.0, None) - logp.mean() + value.square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for _, layer in agent.named_varshare_layers():
+            assert layer.mu.abs().max() > 0
+            torch.testing.assert_close(layer.residual_sigma(), torch.full_like(layer.residual_sigma(), layer.sigma0))
+        mean_part, var_part = agent.kl_per_task()
+        assert (mean_part > 0).all() and var_part.abs().max() < 1e-10
+        shared = (5 * 16 + 16) + (16 * 8 + 8) + (8 * 3 + 3) + (5 * 16 + 16) + (16 * 8 + 8) + (8 * 1 + 1)
+        res = (5 * 16 + 16 * 8 + 8 * 3 + 5 * 16 + 16 * 8 + 8) + ((16 + 8 + 3 + 16 + 8 + 1) if bias else 0)
+        assert vs.param_counts(agent, 4) == {"active_per_task": shared + res + 3, "inference": shared + 3, "total": shared + 4 * res + 4 * 3}
+    for kw in [dict(noise="mean"), dict(residual="l2"), dict(sigma_init_ratio=0.5)]:
+        with pytest.raises(vs.mtrun.ArgError, match="--fixed-sigma"):
+            vs.validate(vs.Args(fixed_sigma=True, **kw))
+
+
+@pytest.mark.parametrize("noise", ["rollout", "step"])
+def test_fixed_sigma_run_has_the_exact_ratio_and_no_variance_kl(runs_dir, noise):
+    from conftest import scalars
+
+    tags = scalars(tiny_main(runs_dir, fixed_sigma=True, noise=noise))
+    devs = [v for _, v in tags["debug/first_minibatch_max_ratio_dev"]]
+    assert len(devs) == 2 and max(devs) < 1e-4, devs
+    assert tags["varshare/sigma_ratio_median/actor.0"][-1][1] == pytest.approx(1.0, abs=1e-6)
+    assert max(abs(v) for _, v in tags["varshare/kl_var_part/standard"]) < 1e-6

@@ -11,7 +11,7 @@ Calibration options (section 10 of the definition): ``--critic-noise off|same`` 
 actor's draw), ``--prior-scale-mode fan_in|init`` (init: ``sigma0 = prior_scale * rms(theta at init)``),
 ``--critic varshare|onehot`` (onehot: ppo_mtl_embed's critic, no residual, no KL), ``--kl-samples N`` (a fixed
 KL denominator), ``--bias-residual`` (biases get a per-task residual too), ``--residual-lr-scale s`` (mu, rho
-in their own Adam group at s times the learning rate).
+in their own Adam group at s times the learning rate). Ablation: ``--fixed-sigma`` (sigma stays at sigma0, rho is not learnt).
 Definitions: context/spec/varshare.md; this file is ppo_mtl_embed plus the method.
 LOO (``--train-tasks``, ``--init-from``, ``--transfer``): task k's slot is row k of every residual (mu_k and rho_k; L2Soft's
 delta_k; with ``--bias-residual`` mu_b_k, rho_b_k), with ``--critic onehot`` the critic's one-hot column k, and row k of the
@@ -145,6 +145,8 @@ class Args:
     """how sigma0 of a layer scales: fan_in: sigma0 = c / sqrt(fan_in); init: sigma0 = c * rms(theta at initialisation), the same relative price in every layer (heads included)"""
     sigma_init_ratio: float = 1.0
     """initial sigma / sigma0 (1: q = p at the start, so KL = 0 and every task starts as the shared network)"""
+    fixed_sigma: bool = False
+    """ablation: sigma stays at sigma0 (rho is a constant, not learnt): weight noise without a learnt posterior; the KL is its mean part alone, and rho is not active"""
     kl_coef: float = 1.0
     """beta: the price of one nat of KL; the loss adds beta * sum_t KL_t / N to every minibatch (N: --kl-samples)"""
     kl_samples: Optional[int] = None
@@ -185,6 +187,9 @@ def validate(args: Args) -> None:
         raise mtrun.ArgError(f"--kl-warmup-frac must be in [0, 1], got {args.kl_warmup_frac}")
     if args.l2_coef is not None and args.residual != "l2":
         raise mtrun.ArgError(f"--l2-coef {args.l2_coef} is the L2Soft strength: use it with --residual l2 (got --residual {args.residual})")
+    if args.fixed_sigma and (args.residual != "variational" or args.noise == "mean" or args.sigma_init_ratio != 1.0):
+        raise mtrun.ArgError(f"--fixed-sigma keeps sigma at sigma0: use it with --residual variational, --noise rollout or step and "
+                             f"--sigma-init-ratio 1 (got --residual {args.residual}, --noise {args.noise}, --sigma-init-ratio {args.sigma_init_ratio})")
     if args.eval_weight_samples < 0 or (args.eval_weight_samples > 0 and (args.residual != "variational" or args.noise != "rollout")):
         raise mtrun.ArgError(f"--eval-weight-samples {args.eval_weight_samples}: must be >= 0, and > 0 only with --residual variational --noise rollout")
 
@@ -221,9 +226,11 @@ class VarShareLinear(nn.Module):
             self.mu_b = nn.Parameter(torch.zeros(num_tasks, out_features))  # L2Soft: delta_b
         if self.variational:
             rho0 = inverse_softplus(args.sigma_init_ratio * self.sigma0)
-            self.rho = nn.Parameter(torch.full((num_tasks, out_features, in_features), rho0))
+            rhos = {"rho": torch.full((num_tasks, out_features, in_features), rho0)}
             if self.bias_residual:
-                self.rho_b = nn.Parameter(torch.full((num_tasks, out_features), rho0))
+                rhos["rho_b"] = torch.full((num_tasks, out_features), rho0)
+            for name, rho in rhos.items():  # --fixed-sigma: a buffer, saved and loaded with the weights, never trained
+                self.register_buffer(name, rho) if args.fixed_sigma else self.register_parameter(name, nn.Parameter(rho))
 
     def sigma(self) -> torch.Tensor:
         return nn.functional.softplus(self.rho)
@@ -234,7 +241,7 @@ class VarShareLinear(nn.Module):
     def residual_parameters(self) -> list[nn.Parameter]:
         """mu, rho (L2Soft: delta), and the bias residual's mu_b, rho_b: the parameters of --residual-lr-scale."""
         names = ["mu", "rho"] + (["mu_b", "rho_b"] if self.bias_residual else [])
-        return [getattr(self, n) for n in names if hasattr(self, n)]
+        return [getattr(self, n) for n in names if n in self._parameters]  # not L2Soft's missing rho nor a --fixed-sigma buffer
 
     def residual_mean(self) -> torch.Tensor:
         """(T, n): each task's residual means, weights then (with --bias-residual) bias, flattened."""
@@ -420,7 +427,7 @@ def param_counts(agent: Agent, num_tasks: int) -> dict:
     shared = sum(l.theta.numel() + l.bias.numel() for l in layers)
     if agent.critic_onehot:
         shared += sum(p.numel() for p in agent.critic.parameters()) - (num_tasks - 1) * agent.critic[0].out_features
-    per_weight = 1 if agent.noise_mode == "mean" else 2  # mu (and rho where sigma enters the forward pass)
+    per_weight = 1 if agent.noise_mode == "mean" or "rho" not in layers[0]._parameters else 2  # mu (and rho where it is learnt and enters the forward pass)
     residual = sum((l.mu[0].numel() + (l.bias.numel() if l.bias_residual else 0)) * per_weight for l in layers)
     logstd = 0 if agent.actor_logstd is None else agent.actor_logstd.shape[1]
     total = sum(p.numel() for p in agent.parameters())

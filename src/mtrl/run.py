@@ -70,7 +70,7 @@ def _coerce(args_cls, values: dict) -> dict:
 def load_config(path: str, args_cls, algo: str) -> dict:
     """Top-level keys of the TOML file apply to every algorithm; a table named after the algorithm
     (``[ppo_varshare]``) holds its own values; tables of other algorithms and the sweep's
-    ``[methods]``, ``[tuning]`` and ``[loo]`` tables are skipped; any other table is an error (a misspelt algorithm name)."""
+    ``[methods]``, ``[tuning]``, ``[loo]`` and ``[ablation]`` tables are skipped; any other table is an error (a misspelt algorithm name)."""
     p = Path(path)
     if not p.is_file():
         raise ArgError(f"--config {path!r}: no such file")
@@ -79,10 +79,10 @@ def load_config(path: str, args_cls, algo: str) -> dict:
     from mtrl.capacity import ALGOS
 
     fields = {f.name for f in dataclasses.fields(args_cls)}
-    tables = [k for k, v in data.items() if isinstance(v, dict) and k not in (*ALGOS, "methods", "tuning", "loo")]
+    tables = [k for k, v in data.items() if isinstance(v, dict) and k not in (*ALGOS, "methods", "tuning", "loo", "ablation")]
     if tables:
         raise ArgError(f"unknown table(s) {', '.join(tables)} in config {path!r}; allowed: {', '.join(ALGOS)}, methods (sweep presets), "
-                       "tuning (tuning grids), loo (leave-one-task-out study)")
+                       "tuning (tuning grids), loo (leave-one-task-out study), ablation (report groups)")
     values = {}
     for scope, table in [("top level", {k: v for k, v in data.items() if not isinstance(v, dict)}), (f"[{algo}]", data.get(algo, {}))]:
         for k, v in table.items():
