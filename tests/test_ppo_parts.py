@@ -1,6 +1,7 @@
 """Backbone pieces against independent references: torch.distributions, numpy statistics."""
 
 import numpy as np
+import pytest
 import torch
 
 from mtrl.ppo import ObsNormalizer, RewardScaler, RunningMeanStd, action_head
@@ -65,3 +66,44 @@ def test_reward_scaler_divides_by_std_of_discounted_return_and_resets_at_done():
     assert abs(out[-1] - 1 / np.std([1, 1.5, 1.75])) < 1e-2
     s(np.array([1.0]), np.array([True]))
     assert s.ret[0] == 0.0
+
+
+def test_running_mean_std_one_row_fast_path_is_bit_identical_to_the_general_update():
+    from mtrl.ppo import RunningMeanStd
+
+    rng = np.random.default_rng(0)
+    fast, ref = RunningMeanStd((5,)), RunningMeanStd((5,))
+    for _ in range(200):
+        x = rng.normal(3.0, 2.0, (1, 5))
+        fast.update(x)
+        # the general update written out (numpy reductions over the single row)
+        b_mean, b_var, b_count = x.mean(0), x.var(0), x.shape[0]
+        delta = b_mean - ref.mean
+        tot = ref.count + b_count
+        ref.mean = ref.mean + delta * b_count / tot
+        ref.var = (ref.var * ref.count + b_var * b_count + delta**2 * ref.count * b_count / tot) / tot
+        ref.count = tot
+    assert np.array_equal(fast.mean, ref.mean) and np.array_equal(fast.var, ref.var) and fast.count == ref.count
+    assert np.allclose(fast.var, 4.0, rtol=0.3)  # and it is a running variance (not a constant)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("discrete", [True, False])
+def test_single_act_is_bit_identical_to_get_action_and_value(discrete, activation):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "src" / "algos"))
+    import ppo_single
+
+    torch.manual_seed(0)
+    agent = ppo_single.Agent(7, 3, discrete, 1, ppo_single.Args(hidden_sizes=(16, 16), activation=activation))
+    x, tasks = torch.randn(1, 1, 7), torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        for seed in range(20):
+            torch.manual_seed(seed)
+            a, lp, _, v = agent.get_action_and_value(x, tasks)
+            torch.manual_seed(seed)
+            a2, lp2, v2 = agent.act(x, tasks)
+            assert torch.equal(a, a2) and torch.equal(lp, lp2) and torch.equal(v, v2)

@@ -24,7 +24,7 @@ import torch.optim as optim
 from mtrl import envs as mtenvs
 from mtrl import run as mtrun
 from mtrl.evaluation import Evaluator
-from mtrl.ppo import ACTIVATIONS, ObsNormalizer, RewardScaler, action_head, compute_gae, explained_variance, layer_init
+from mtrl.ppo import ACTIVATIONS, ObsNormalizer, RewardScaler, action_head, compute_gae, explained_variance, layer_init, sequential_forward
 
 ALGO = "ppo_single"
 
@@ -153,6 +153,13 @@ class Agent(nn.Module):
         action, logprob, entropy = action_head(self.actor(x), logstd, action, deterministic)
         return action, logprob, entropy, self.critic(x).squeeze(-1)
 
+    def act(self, x, task_ids):
+        """The rollout's get_action_and_value (action, logprob, value), bit-identical to it, without module-call
+        overhead or the entropy: with one env, acting costs more than a Meta-World step otherwise."""
+        logstd = None if self.actor_logstd is None else self.actor_logstd[task_ids][:, None]
+        action, logprob, _ = action_head(sequential_forward(self.actor, x), logstd, entropy=False)
+        return action, logprob, sequential_forward(self.critic, x).squeeze(-1)
+
 
 def param_counts(agent: Agent, num_tasks: int) -> dict:
     n = sum(p.numel() for p in agent.parameters())
@@ -251,7 +258,7 @@ def main(args: Args) -> None:
             x = obs_norm(next_obs)
             obs_buf[:, step] = x
             with torch.inference_mode():
-                action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(x, device=device)[:, None], task_ids_t)
+                action, logprob, value = agent.act(torch.as_tensor(x, device=device)[:, None], task_ids_t)
             action = action[:, 0].cpu().numpy()
             actions_buf[:, step], logprobs_buf[:, step], values_buf[:, step] = action, logprob[:, 0].cpu().numpy(), value[:, 0].cpu().numpy()
             next_obs, reward, terminations, truncations, infos = envs.step(action if act_clip is None else np.clip(action, *act_clip))

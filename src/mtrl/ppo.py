@@ -27,7 +27,10 @@ class RunningMeanStd:
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float64)
-        b_mean, b_var, b_count = x.mean(0), x.var(0), x.shape[0]
+        if x.shape[0] == 1:  # one env (the oracle): the same numbers without numpy's reductions (~20 us a call)
+            b_mean, b_var, b_count = x[0], 0.0, 1
+        else:
+            b_mean, b_var, b_count = x.mean(0), x.var(0), x.shape[0]
         delta = b_mean - self.mean
         tot = self.count + b_count
         self.mean = self.mean + delta * b_count / tot
@@ -124,29 +127,36 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias_const: float = 
 
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+_FUNCTIONAL = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu}
 
 
-def action_head(out: torch.Tensor, logstd: torch.Tensor | None, action=None, deterministic=False):
+def sequential_forward(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``seq(x)`` for an MLP of ``nn.Linear`` and activation modules, calling the same kernels without the
+    per-module call overhead (~10 us per module on a CPU: it dominates acting with one env). Bit-identical."""
+    for m in seq:
+        x = torch.nn.functional.linear(x, m.weight, m.bias) if type(m) is nn.Linear else _FUNCTIONAL[type(m)](x)
+    return x
+
+
+def action_head(out: torch.Tensor, logstd: torch.Tensor | None, action=None, deterministic=False, entropy=True):
     """Sample (or evaluate) an action from the actor output.
 
     Discrete (``logstd is None``): ``out`` are categorical logits. Continuous: ``out`` is the Gaussian
     mean and ``logstd`` broadcasts to it. Returns ``(action, log_prob, entropy)``; ``deterministic``
-    returns the mode (argmax / mean)."""
+    returns the mode (argmax / mean); ``entropy=False`` (acting) returns None for it."""
     if logstd is None:
         logp_all = torch.log_softmax(out, -1)
         if action is None:
             probs = logp_all.exp()
             action = out.argmax(-1) if deterministic else torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:-1])
         logp = logp_all.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return action, logp, entropy
+        return action, logp, -(logp_all.exp() * logp_all).sum(-1) if entropy else None
     logstd = logstd.expand_as(out)
     std = logstd.exp()
     if action is None:
         action = out if deterministic else out + std * torch.randn_like(out)
     logp = (-0.5 * ((action - out) / std) ** 2 - logstd - LOG_SQRT_2PI).sum(-1)
-    entropy = (logstd + 0.5 + LOG_SQRT_2PI).sum(-1)
-    return action, logp, entropy
+    return action, logp, (logstd + 0.5 + LOG_SQRT_2PI).sum(-1) if entropy else None
 
 
 def explained_variance(y_pred: np.ndarray, y_true: np.ndarray) -> float:
