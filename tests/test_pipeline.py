@@ -470,3 +470,21 @@ def test_collect_results_copies_the_small_files_with_relative_paths(tmp_path):
     assert config == {"args": {"runs_dir": "runs/study"}, "command": [".venv/bin/python"]}
     bad = subprocess.run(["bash", str(REPO / "scripts" / "collect_results.sh"), str(tmp_path / "nope"), str(dest)], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_mt10_cost_table_arithmetic_by_hand():
+    """scripts/bench_mt10_cost.py: hours per run = iterations x (rollout + update) + evaluations x evaluation, with the
+    evaluation scaled from the timed episodes to the config's; evaluations = eval_every crossings + the final one."""
+    import tomllib
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_mt10_cost import CONFIG, run_cost
+
+    data = tomllib.loads(CONFIG.read_text())
+    assert (data["total_timesteps"], data["eval_every"], data["eval_episodes"]) == (20_067_840, 2_000_000, 50)
+    hours, iterations, evaluations = run_cost({"label": "mtl_embed", "batch": 99_840, "rollout_s": 100.0, "update_s": 20.0, "eval_s": 10.0}, data, 5)
+    assert (iterations, evaluations) == (201, 11)  # crossings at 2M ... 20M, and the final evaluation at 20,067,840
+    assert hours == pytest.approx((201 * 120 + 11 * 100) / 3600)
+    hours, iterations, evaluations = run_cost({"label": "single", "batch": 9_984, "rollout_s": 10.0, "update_s": 2.0, "eval_s": 1.0}, data, 5)
+    assert (iterations, evaluations) == (200, 10)  # 1,996,800 steps: crossings at 200k ... 1.8M, and the final one
+    assert hours == pytest.approx((200 * 12 + 10 * 10) / 3600)
