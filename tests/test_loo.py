@@ -83,6 +83,31 @@ def loo_runs(request, tmp_path_factory):
     return {"name": request.param, "algo": algo, "flags": flags, "runs": runs, "fresh": fresh.state_dict(), "slots": slots}
 
 
+def test_init_from_refuses_a_changed_sigma_regime_and_reads_an_older_config_with_defaults(loo_runs, capsys, tmp_path):
+    """VarShare: --fixed-sigma and the prior (c, mode) must match the pre-training (a fixed sigma loaded from a learnt-sigma
+    run would stay at the source's values, not at sigma0); an older run's config.json without these keys had the defaults."""
+    import json
+    import shutil
+
+    if loo_runs["algo"] != "ppo_varshare":
+        pytest.skip("a VarShare option")
+    base = [*TINY, *loo_runs["flags"], "--runs-dir", str(loo_runs["runs"]), "--run-name", "refused", "--train-tasks", HELD,
+            "--init-from", str(loo_runs["runs"] / "pre")]
+    for extra, word in ((["--fixed-sigma"], "--fixed-sigma"), (["--prior-scale", "0.3"], "--prior-scale"),
+                        (["--prior-scale-mode", "init"], "--prior-scale-mode")):
+        with pytest.raises(SystemExit):
+            parse("ppo_varshare", [*base, *extra])
+        assert word in capsys.readouterr().err
+    old = tmp_path / "old"
+    shutil.copytree(loo_runs["runs"] / "pre", old)
+    config = json.loads((old / "config.json").read_text())
+    for key in ("fixed_sigma", "prior_scale_mode"):
+        config["args"].pop(key)
+    (old / "config.json").write_text(json.dumps(config))
+    args = parse("ppo_varshare", [*base[:-1], str(old)])
+    assert args.init_from == str(old) and not args.fixed_sigma
+
+
 def slot_index(shape, dim: int, index: int):
     idx = [slice(None)] * len(shape)
     idx[dim] = index

@@ -56,7 +56,11 @@ def test_config_widths_are_the_matched_ones():
         target = count_params("ppo_mtl_embed", make_args("ppo_mtl_embed", str(cfg)))["active_per_task"]
         equal_width = set(data.get("ablation", {}).get("equal_width", []))  # the ablation's equal-width table: 64x64 on purpose
         for label, (algo, *flags) in presets.items():
-            if algo == "ppo_single" or "--task-encoding" in flags or label.startswith("mtppo_reference") or label in equal_width:  # mtppo_reference*: an anchor to a published number, not a compared method
+            if label in equal_width:  # the ablation's equal-width rows: exactly the top-level width, on purpose unmatched
+                args = parse_args(algo_module(algo).Args, algo, argv=["--config", str(cfg), *flags])
+                assert tuple(args.hidden_sizes) == tuple(data["hidden_sizes"]), (cfg.name, label, args.hidden_sizes)
+                continue
+            if algo == "ppo_single" or "--task-encoding" in flags or label.startswith("mtppo_reference"):  # mtppo_reference*: an anchor to a published number, not a compared method
                 continue
             args = parse_args(algo_module(algo).Args, algo, argv=["--config", str(cfg), *flags])
             active = count_params(algo, args)["active_per_task"]
@@ -482,9 +486,9 @@ def test_mt10_cost_table_arithmetic_by_hand():
 
     data = tomllib.loads(CONFIG.read_text())
     assert (data["total_timesteps"], data["eval_every"], data["eval_episodes"]) == (20_067_840, 2_000_000, 50)
-    hours, iterations, evaluations = run_cost({"label": "mtl_embed", "batch": 99_840, "rollout_s": 100.0, "update_s": 20.0, "eval_s": 10.0}, data, 5)
+    hours, iterations, evaluations = run_cost({"label": "mtl_embed", "single": False, "batch": 99_840, "rollout_s": 100.0, "update_s": 20.0, "eval_s": 10.0}, data, 5)
     assert (iterations, evaluations) == (201, 11)  # crossings at 2M ... 20M, and the final evaluation at 20,067,840
     assert hours == pytest.approx((201 * 120 + 11 * 100) / 3600)
-    hours, iterations, evaluations = run_cost({"label": "single", "batch": 9_984, "rollout_s": 10.0, "update_s": 2.0, "eval_s": 1.0}, data, 5)
+    hours, iterations, evaluations = run_cost({"label": "single", "single": True, "batch": 9_984, "rollout_s": 10.0, "update_s": 2.0, "eval_s": 1.0}, data, 5)
     assert (iterations, evaluations) == (200, 10)  # 1,996,800 steps: crossings at 200k ... 1.8M, and the final one
     assert hours == pytest.approx((200 * 12 + 10 * 10) / 3600)

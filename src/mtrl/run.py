@@ -457,7 +457,7 @@ INIT_FROM_MUST_MATCH = ("env_id", "hidden_sizes", "activation")
 METHOD_OPTIONS = {
     "ppo_mtl_embed": ("task_encoding", "task_embedding_dim"),
     "ppo_pcgrad": ("task_encoding", "task_embedding_dim", "pcgrad_reduction", "pcgrad_task_params"),
-    "ppo_varshare": ("residual", "noise", "critic", "critic_noise", "bias_residual"),
+    "ppo_varshare": ("residual", "noise", "critic", "critic_noise", "bias_residual", "fixed_sigma", "prior_scale", "prior_scale_mode"),
     "ppo_paco": ("num_param_sets", "share_w"),
     "ppo_softmod": ("softmod_variant", "num_modules", "embedding_dim"),
 }
@@ -493,8 +493,11 @@ def check_loo(args, algo: str, resuming: bool = False) -> None:
     if saved.get("algo") != algo:
         raise ArgError(f"--init-from {str(src)!r}: the algorithm differs: this run {algo}, that run {saved.get('algo')}")
     mine = jsonable(dataclasses.asdict(args))
-    diffs = [f"--{k.replace('_', '-')}: this run {mine.get(k)!r}, that run {saved['args'].get(k)!r}"
-             for k in (*INIT_FROM_MUST_MATCH, *METHOD_OPTIONS.get(algo, ())) if json.loads(json.dumps(mine.get(k))) != saved["args"].get(k)]
+    # a key that an older run's config.json lacks had its default then (an option added later)
+    defaults = {f.name: f.default for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING}
+    theirs = {k: saved["args"].get(k, jsonable({k: defaults.get(k)})[k]) for k in (*INIT_FROM_MUST_MATCH, *METHOD_OPTIONS.get(algo, ()))}
+    diffs = [f"--{k.replace('_', '-')}: this run {mine.get(k)!r}, that run {theirs[k]!r}"
+             for k in theirs if json.loads(json.dumps(mine.get(k))) != theirs[k]]
     if diffs:
         raise ArgError(f"--init-from {str(src)!r} is a different suite, network or method ({'; '.join(diffs)}); a transfer starts from "
                        "a run of the same suite, widths, activation and method options")
