@@ -34,6 +34,9 @@ CASES = [
     ("metaworld/reach-v3", "ppo_single", "metaworld/reach-v3",
      ["--envs-per-task", "1", "--num-steps", "2048", "--num-minibatches", "32", "--update-epochs", "10", "--learning-rate", "3e-4",
       "--hidden-sizes", "64", "64", "--ent-coef", "0.0"]),
+    ("metaworld/reach-v3 --numpy-acting", "ppo_single", "metaworld/reach-v3",
+     ["--envs-per-task", "1", "--num-steps", "2048", "--num-minibatches", "32", "--update-epochs", "10", "--learning-rate", "3e-4",
+      "--hidden-sizes", "64", "64", "--ent-coef", "0.0", "--numpy-acting"]),
 ]
 
 
@@ -113,7 +116,7 @@ def main() -> None:
             continue
         rollout, overall = training_sps(algo, env_id, extra, a.steps)
         env_sps = env_rows["sync"] if a.mt10 else env_only_sps(env_id, envs_per_task(extra), a.steps)
-        rows.append((env_id, algo if not a.mt10 else label, env_sps, rollout, overall))
+        rows.append((env_id, (algo + label[len(env_id):]) if not a.mt10 else label, env_sps, rollout, overall))
         print(f"measured {label} {algo}: env {env_sps:.0f}, rollout {rollout:.0f}, training {overall:.0f}", file=sys.stderr)
     print(f"\nsteps per measurement: {a.steps}; torch threads 1; {os.cpu_count()} CPUs; sync vector env\n")
     if env_rows:

@@ -107,3 +107,63 @@ def test_single_act_is_bit_identical_to_get_action_and_value(discrete, activatio
             torch.manual_seed(seed)
             a2, lp2, v2 = agent.act(x, tasks)
             assert torch.equal(a, a2) and torch.equal(lp, lp2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_numpy_policy_is_the_torch_policy(discrete):
+    """ppo_single --numpy-acting: the numpy copy gives the torch network's value and log-prob of its own sampled action
+    (to float32 rounding), and samples the same distribution (Monte Carlo against the softmax / the Gaussian)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "src" / "algos"))
+    import ppo_single
+
+    from mtrl.ppo import NumpyPolicy
+
+    torch.manual_seed(0)
+    agent = ppo_single.Agent(7, 3, discrete, 1, ppo_single.Args(hidden_sizes=(16, 16), activation="tanh"))
+    with torch.no_grad():  # a non-trivial policy: larger head and log-std than at init
+        agent.actor[-1].weight.mul_(100)
+        if not discrete:
+            agent.actor_logstd.fill_(-0.5)
+    policy = NumpyPolicy(agent)
+    np.random.seed(0)
+    x = np.random.randn(1, 7).astype(np.float32)
+    tasks = np.zeros(1, np.int64)
+    actions = []
+    for _ in range(20_000):
+        a, lp, v = policy.act(x, tasks)
+        actions.append(a[0])
+    with torch.no_grad():
+        v_t = agent.get_value(torch.as_tensor(x)[:, None], torch.zeros(1, dtype=torch.long))
+        out = agent.actor(torch.as_tensor(x))[0].numpy()
+    assert lp.dtype == np.float32 and v.dtype == np.float32
+    np.testing.assert_allclose(v[0], v_t[0, 0].item(), rtol=1e-5, atol=1e-6)
+    # the log-prob numpy reports for each sampled action equals torch's for that action
+    np.random.seed(1)
+    pairs = [policy.act(x, tasks) for _ in range(50)]
+    with torch.no_grad():
+        a_np = torch.as_tensor(np.array([p[0][0] for p in pairs]))[None]
+        _, lp_torch, _, _ = agent.get_action_and_value(torch.as_tensor(x)[:, None].expand(1, 50, 7), torch.zeros(1, dtype=torch.long), a_np)
+    np.testing.assert_allclose(np.array([p[1][0] for p in pairs]), lp_torch[0].numpy(), rtol=1e-5, atol=1e-5)
+    samples = np.array(actions)
+    if discrete:
+        probs = np.exp(out - out.max()) / np.exp(out - out.max()).sum()
+        assert probs.max() < 0.95  # a non-degenerate check
+        freq = np.bincount(samples, minlength=3) / len(samples)
+        np.testing.assert_allclose(freq, probs, atol=0.015)
+    else:
+        np.testing.assert_allclose(samples.mean(0), out, atol=0.02)
+        np.testing.assert_allclose(samples.std(0), np.exp(-0.5), rtol=0.03)
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "metaworld/reach-v3"])
+def test_numpy_acting_run_keeps_the_ratio_exact(runs_dir, env):
+    from conftest import only_run, run_algo, scalars
+
+    run_algo("ppo_single", "--env-id", env, "--numpy-acting", "--total-timesteps", "256", "--envs-per-task", "1", "--num-steps", "128",
+             "--num-minibatches", "2", "--eval-every", "0", "--eval-episodes", "1", "--runs-dir", str(runs_dir))
+    devs = [v for _, v in scalars(only_run(runs_dir))["debug/first_minibatch_max_ratio_dev"]]
+    assert len(devs) == 2 and max(devs) < 1e-4, devs

@@ -24,7 +24,8 @@ import torch.optim as optim
 from mtrl import envs as mtenvs
 from mtrl import run as mtrun
 from mtrl.evaluation import Evaluator
-from mtrl.ppo import ACTIVATIONS, ObsNormalizer, RewardScaler, action_head, compute_gae, explained_variance, layer_init, sequential_forward
+from mtrl.ppo import (ACTIVATIONS, NumpyPolicy, ObsNormalizer, RewardScaler, action_head, compute_gae, explained_variance, layer_init,
+                      sequential_forward)
 
 ALGO = "ppo_single"
 
@@ -110,6 +111,9 @@ class Args:
     """global gradient-norm clip"""
     target_kl: Optional[float] = None
     """stop the epochs of an iteration early when the approximate KL exceeds this"""
+
+    numpy_acting: bool = False
+    """act in the rollout with a numpy copy of the network refreshed after every update (mtrl.ppo.NumpyPolicy): with one env, about 3x cheaper per step than torch; the same policy, not bit-identical (float32 sums, numpy's random stream)"""
 
     # ---- network
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -244,6 +248,7 @@ def main(args: Args) -> None:
     progress = mtrun.Progress(num_iterations * batch_size, args.progress)
     start_time, start_step = time.time(), global_step
     last_eval = None
+    numpy_policy = NumpyPolicy(agent) if args.numpy_acting else None
 
     for iteration in range(start_iteration, num_iterations + 1):
         iteration_start_step = global_step
@@ -252,15 +257,20 @@ def main(args: Args) -> None:
 
         # ---- rollout
         rollout_start = time.time()
+        if numpy_policy is not None:
+            numpy_policy.refresh()  # the weights of the last update
         for step in range(args.num_steps):
             if run.stop_signal is not None:
                 break
             x = obs_norm(next_obs)
             obs_buf[:, step] = x
-            with torch.inference_mode():
-                action, logprob, value = agent.act(torch.as_tensor(x, device=device)[:, None], task_ids_t)
-            action = action[:, 0].cpu().numpy()
-            actions_buf[:, step], logprobs_buf[:, step], values_buf[:, step] = action, logprob[:, 0].cpu().numpy(), value[:, 0].cpu().numpy()
+            if numpy_policy is not None:
+                action, logprob, value = numpy_policy.act(x, task_ids)
+            else:
+                with torch.inference_mode():
+                    action, logprob, value = agent.act(torch.as_tensor(x, device=device)[:, None], task_ids_t)
+                action, logprob, value = action[:, 0].cpu().numpy(), logprob[:, 0].cpu().numpy(), value[:, 0].cpu().numpy()
+            actions_buf[:, step], logprobs_buf[:, step], values_buf[:, step] = action, logprob, value
             next_obs, reward, terminations, truncations, infos = envs.step(action if act_clip is None else np.clip(action, *act_clip))
             done = terminations | truncations
             rewards_buf[:, step] = reward_scaler(reward, done)

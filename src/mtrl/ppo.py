@@ -138,6 +138,52 @@ def sequential_forward(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_NUMPY = {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, np.float32(0))}
+
+
+class NumpyPolicy:
+    """A float32 numpy copy of an actor-critic whose ``actor`` and ``critic`` are ``nn.Sequential`` MLPs (Linear and
+    Tanh/ReLU) with a state-independent ``actor_logstd`` (or None: categorical), for acting with few envs (ppo_single
+    ``--numpy-acting``): a small numpy matmul costs ~2 us where a torch op costs ~10. ``refresh()`` after every update.
+    ``act`` samples from numpy's global generator (saved in checkpoints) and returns numpy (action, logprob, value),
+    the same distribution as ``action_head``; not bit-identical to the torch path (float32 sums in another order)."""
+
+    def __init__(self, agent: nn.Module):
+        self.agent = agent
+        self.refresh()
+
+    def refresh(self) -> None:
+        def copy(seq):
+            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) if type(m) is nn.Linear
+                    else _NUMPY[type(m)] for m in seq]
+
+        self.actor, self.critic = copy(self.agent.actor), copy(self.agent.critic)
+        logstd = self.agent.actor_logstd
+        self.logstd = None if logstd is None else logstd.detach().cpu().numpy().copy()
+
+    @staticmethod
+    def forward(layers, x: np.ndarray) -> np.ndarray:
+        for layer in layers:
+            x = x @ layer[0] + layer[1] if type(layer) is tuple else layer(x)
+        return x
+
+    def act(self, x: np.ndarray, task_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x: (envs, obs_dim) float32, task_ids: (envs,) -> action (envs,) or (envs, act_dim), logprob (envs,), value (envs,)."""
+        out, value = self.forward(self.actor, x), self.forward(self.critic, x)[:, 0]
+        if self.logstd is None:  # categorical: inverse-CDF sampling of softmax(out)
+            z = out - out.max(-1, keepdims=True)
+            logp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            u = np.random.random_sample((len(x), 1))
+            action = np.minimum((np.cumsum(np.exp(logp_all), -1) < u).sum(-1), out.shape[-1] - 1)
+            logp = np.take_along_axis(logp_all, action[:, None], -1)[:, 0]
+            return action.astype(np.int64), logp.astype(np.float32), value
+        logstd = self.logstd[task_ids]
+        eps = np.random.standard_normal(out.shape).astype(np.float32)
+        action = out + np.exp(logstd) * eps
+        logp = (-0.5 * eps**2 - logstd - np.float32(LOG_SQRT_2PI)).sum(-1)
+        return action, logp.astype(np.float32), value
+
+
 def action_head(out: torch.Tensor, logstd: torch.Tensor | None, action=None, deterministic=False, entropy=True):
     """Sample (or evaluate) an action from the actor output.
 
