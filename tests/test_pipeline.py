@@ -492,3 +492,25 @@ def test_mt10_cost_table_arithmetic_by_hand():
     hours, iterations, evaluations = run_cost({"label": "single", "single": True, "batch": 9_984, "rollout_s": 10.0, "update_s": 2.0, "eval_s": 1.0}, data, 5)
     assert (iterations, evaluations) == (200, 10)  # 1,996,800 steps: crossings at 200k ... 1.8M, and the final one
     assert hours == pytest.approx((200 * 12 + 10 * 10) / 3600)
+
+
+def test_targets_table_numbers_by_hand(tmp_path):
+    """scripts/targets_table.py: success, AUC, the off-centre tasks, KL centre / off-centre and the right-left cosine."""
+    from mtrl.envs import make_suite
+
+    tasks = make_suite("toy/CartPole-Targets-MT10").task_names
+    success = {t: (1.0 if "right" in t or "left" in t else 0.5) for t in tasks}
+    kl = {f"varshare/kl_mean_part/{t}": float(i) for i, t in enumerate(tasks)} | {f"varshare/kl_var_part/{t}": 1.0 for t in tasks}
+    cos = np.eye(len(tasks))
+    cos[tasks.index("standard-right"), tasks.index("standard-left")] = -0.25
+    fake_run(tmp_path, "varshare@c1_b0.1__s101", "ppo_varshare", 101, success, steps=(100, 200), extra={"final_kl": kl, "residual_cosine": cos.tolist()})
+    out = subprocess.run([sys.executable, "scripts/targets_table.py", "--config", "configs/toy_cartpole_targets_mt10.toml", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    cells = [c.strip() for c in out.stdout.splitlines()[2].split("|")[1:-1]]
+    off = [i for i, t in enumerate(tasks) if "right" in t or "left" in t]
+    centre_kl = np.mean([i + 1.0 for i in range(len(tasks)) if i not in off])
+    off_kl = np.mean([i + 1.0 for i in off])
+    mean = np.mean(list(success.values()))
+    assert cells[:5] == ["varshare", "c1_b0.1", "101", f"{mean:.2f}", f"{mean * 0.75:.3f}"]  # the curve: 1/2 then all of the final
+    assert cells[5] == "1.0 1.0 1.0 1.0" and cells[6] == f"{centre_kl:.1f} / {off_kl:.1f}" and cells[7] == "-0.25"
