@@ -300,6 +300,11 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
     return text
 
 
+def final_task_kl(final_kl: dict, task: str) -> float:
+    """A task's final KL(q_t || p) in nats from summary.json's ``final_kl`` (mean part + variance part)."""
+    return final_kl.get(f"varshare/kl_mean_part/{task}", 0.0) + final_kl.get(f"varshare/kl_var_part/{task}", 0.0)
+
+
 EARLY_FRACTION = 0.25  # the ablation's early AUC: evaluations in the first quarter of the budget
 
 
@@ -348,7 +353,7 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
             kl_cells, cos_cells = ["-", "-"], ["-", "-"]
             if kl and all(kl):
                 names = list(runs[0]["summary"]["final_success"])
-                per_task = {t: float(np.mean([k.get(f"varshare/kl_mean_part/{t}", 0.0) + k.get(f"varshare/kl_var_part/{t}", 0.0) for k in kl]))
+                per_task = {t: float(np.mean([final_task_kl(k, t) for k in kl]))
                             for t in names}
                 task_kl[label] = per_task
                 top = max(per_task, key=per_task.get)
@@ -435,7 +440,7 @@ def residual_directions(env_id: str, label: str, runs: list[dict], out: Path) ->
              f"mean over {len(runs)} seeds; where a task's residual is zero its row is 0):", "", f"![{label} residual directions]({stem}.png)", ""]
     kl = [r["summary"].get("final_kl") or {} for r in runs]
     if all(kl):
-        total = {t: [k.get(f"varshare/kl_mean_part/{t}", 0.0) + k.get(f"varshare/kl_var_part/{t}", 0.0) for k in kl] for t in tasks}
+        total = {t: [final_task_kl(k, t) for k in kl] for t in tasks}
         lines += [f"Final KL(q_t || p) per task of {label}, nats (mean over seeds; seeds in brackets):", "", "| task | KL | per seed |", "|---|---:|---|"]
         lines += [f"| {t} | {np.mean(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |" for t, v in total.items()] + [""]
     return lines

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tomllib
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import final_task_kl  # noqa: E402
 
 OFF_CENTRE = ["standard-right", "long-pole-right", "standard-left", "long-pole-left"]
 
@@ -26,7 +30,7 @@ def row(run: Path) -> str:
     kl, cos = s.get("final_kl") or {}, s.get("residual_cosine")
     kl_cell = cos_cell = "-"
     if kl and cos:
-        per_task = {t: kl.get(f"varshare/kl_mean_part/{t}", 0.0) + kl.get(f"varshare/kl_var_part/{t}", 0.0) for t in tasks}
+        per_task = {t: final_task_kl(kl, t) for t in tasks}
         centre = [per_task[t] for t in tasks if t not in OFF_CENTRE]
         kl_cell = f"{sum(centre) / len(centre):.1f} / {sum(per_task[t] for t in OFF_CENTRE) / len(OFF_CENTRE):.1f}"
         cos_cell = f"{cos[tasks.index('standard-right')][tasks.index('standard-left')]:+.2f}"

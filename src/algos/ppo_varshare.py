@@ -229,8 +229,11 @@ class VarShareLinear(nn.Module):
             rhos = {"rho": torch.full((num_tasks, out_features, in_features), rho0)}
             if self.bias_residual:
                 rhos["rho_b"] = torch.full((num_tasks, out_features), rho0)
-            for name, rho in rhos.items():  # --fixed-sigma: a buffer, saved and loaded with the weights, never trained
-                self.register_buffer(name, rho) if args.fixed_sigma else self.register_parameter(name, nn.Parameter(rho))
+            for name, rho in rhos.items():
+                if args.fixed_sigma:  # a buffer: saved and loaded with the weights, never trained
+                    self.register_buffer(name, rho)
+                else:
+                    self.register_parameter(name, nn.Parameter(rho))
 
     def sigma(self) -> torch.Tensor:
         return nn.functional.softplus(self.rho)
