@@ -7,6 +7,7 @@ overall steps/s are read from its TensorBoard scalars (first iteration excluded:
     python scripts/bench_throughput.py            # CartPole-v1 and metaworld/reach-v3, ppo_single
     python scripts/bench_throughput.py --steps 20000
     python scripts/bench_throughput.py --mt10 --steps 30720   # MT10: env-only sync/async and every method
+    python scripts/bench_throughput.py --only Targets --steps 102400   # the vectorised CartPole against gymnasium's
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ CASES = [
     ("metaworld/reach-v3 --numpy-acting", "ppo_single", "metaworld/reach-v3",
      ["--envs-per-task", "1", "--num-steps", "2048", "--num-minibatches", "32", "--update-epochs", "10", "--learning-rate", "3e-4",
       "--hidden-sizes", "64", "64", "--ent-coef", "0.0", "--numpy-acting"]),
+] + [  # toy/CartPole-Targets-MT10 (40 envs): the numpy-vectorised CartPole (sync) against gymnasium's SyncVectorEnv (gym)
+    (f"toy/CartPole-Targets-MT10 {mode}", algo, "toy/CartPole-Targets-MT10", ["--config", "configs/toy_cartpole_targets_mt10.toml", "--vector-mode", mode])
+    for algo in ("ppo_mtl_embed", "ppo_varshare") for mode in ("gym", "sync")
 ]
 
 
@@ -115,10 +119,11 @@ def main() -> None:
         if a.only and a.only not in label:
             continue
         rollout, overall = training_sps(algo, env_id, extra, a.steps)
-        env_sps = env_rows["sync"] if a.mt10 else env_only_sps(env_id, envs_per_task(extra), a.steps)
+        mode = extra[extra.index("--vector-mode") + 1] if "--vector-mode" in extra else "sync"
+        env_sps = env_rows["sync"] if a.mt10 else env_only_sps(env_id, envs_per_task(extra), a.steps, vector_mode=mode)
         rows.append((env_id, (algo + label[len(env_id):]) if not a.mt10 else label, env_sps, rollout, overall))
         print(f"measured {label} {algo}: env {env_sps:.0f}, rollout {rollout:.0f}, training {overall:.0f}", file=sys.stderr)
-    print(f"\nsteps per measurement: {a.steps}; torch threads 1; {os.cpu_count()} CPUs; sync vector env\n")
+    print(f"\nsteps per measurement: {a.steps}; torch threads 1; {os.cpu_count()} CPUs; sync vector env unless the row says gym\n")
     if env_rows:
         print(f"MT10 env-only (random actions, one env per task): sync {env_rows['sync']:,.0f} SPS, async {env_rows['async']:,.0f} SPS\n")
     print("| env | method | env-only SPS | rollout SPS | training SPS | rollout / env | training / env |")

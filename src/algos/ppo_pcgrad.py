@@ -86,8 +86,8 @@ class Args:
     # ---- environments and preprocessing
     envs_per_task: int = 4
     """parallel environments per task"""
-    vector_mode: Literal["sync", "async"] = "sync"
-    """sync: all envs in this process; async: one subprocess per env (for many-core machines)"""
+    vector_mode: Literal["sync", "async", "gym"] = "sync"
+    """sync: all envs in this process (CartPole tasks numpy-vectorised, bit-identical to gym); async: one subprocess per env (for many-core machines); gym: gymnasium's SyncVectorEnv for every suite (the reference)"""
     norm_obs: bool = True
     """normalise observations with one running mean/var shared by all tasks (frozen at evaluation)"""
     norm_reward: bool = True
