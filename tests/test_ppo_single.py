@@ -94,7 +94,7 @@ def test_same_seed_gives_identical_losses_and_evaluations(tmp_path):
 
 def test_sigterm_leaves_a_checkpoint_and_resume_finishes_with_the_saved_state(runs_dir):
     args = ["--runs-dir", str(runs_dir), "--run-name", "r", "--total-timesteps", "60000", "--envs-per-task", "4", "--num-steps", "128",
-            "--checkpoint-every", "2048", "--eval-every", "0", "--eval-episodes", "2"]
+            "--checkpoint-every", "20480", "--eval-every", "0", "--eval-episodes", "2"]
     ckpt = runs_dir / "r" / "checkpoints" / "latest.pt"
     proc = subprocess.Popen(algo_cmd("ppo_single", *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -113,8 +113,13 @@ def test_sigterm_leaves_a_checkpoint_and_resume_finishes_with_the_saved_state(ru
     assert f"at step {saved['global_step']} (state fingerprint {expected})" in resumed.stdout
     summary = json.loads((runs_dir / "r" / "summary.json").read_text())
     assert summary["total_steps"] == 60416  # ceil(60000 / 512) * 512
-    steps = [s for s, _ in scalars(runs_dir / "r")["losses/policy_loss"]]
+    tags = scalars(runs_dir / "r")
+    steps = [s for s, _ in tags["losses/policy_loss"]]
     assert steps[-1] == 60416 and len(set(steps)) == 60416 // 512  # every iteration logged once, none lost
+    # the wall clock continues from the checkpoint's: the resumed part does not start again at 0
+    after = [v for s, v in tags["charts/wall_clock_s"] if s > saved["global_step"]]
+    assert saved["wall_clock_s"] > 0 and min(after) > saved["wall_clock_s"], (saved["wall_clock_s"], after[:3])
+    assert summary["wall_clock_s"] > saved["wall_clock_s"]
 
 
 @pytest.mark.parametrize("bad,needle", [

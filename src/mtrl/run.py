@@ -408,15 +408,19 @@ class Run:
 
     # ---- checkpoints ----
     def save_checkpoint(self, state: dict) -> None:
+        """Also saves the run's wall clock so far, so a resumed run's wall clock continues from it (the time between
+        the checkpoint and an interruption, the work that is redone, is not counted)."""
         path = self.dir / CHECKPOINT_NAME
         tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save({**state, "wall_clock_s": time.time() - self.start_time}, tmp)
         os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous checkpoint
 
     def load_checkpoint(self) -> dict | None:
         if not self.args.resume:
             return None
-        return torch.load(self.dir / CHECKPOINT_NAME, weights_only=False, map_location="cpu")
+        ckpt = torch.load(self.dir / CHECKPOINT_NAME, weights_only=False, map_location="cpu")
+        self.start_time = time.time() - ckpt.get("wall_clock_s", 0.0)  # a checkpoint older than this key: 0
+        return ckpt
 
     # ---- the end ----
     def finish(self, summary: dict) -> None:
