@@ -13,7 +13,8 @@ final success; a tie (equal to 1e-9) is broken by the higher AUC, a tie in both 
 
 Writes ``<out>/tuning.md`` and ``<out>/tuning.csv`` (every configuration, the chosen one marked). With
 ``--write``, the config's ``[methods]`` table gets one preset per tuned method,
-``<label>_tuned = [algo, preset flags..., winning configuration's flags...]``, after a comment naming the
+``<label>_tuned = [algo, preset flags..., winning configuration's flags...]`` (a preset option that the winning
+flags set again is dropped from the preset flags), after a comment naming the
 tuning report (an existing ``<label>_tuned`` line is replaced; the rest of the file is left as it is).
 A configuration with fewer finished seeds than the others (or than the table's seeds) stops the choice
 unless ``--allow-incomplete``.
@@ -116,8 +117,24 @@ def choose(tuning: dict, rows: list[dict], allow_incomplete: bool) -> tuple[dict
     return winners, notes
 
 
+def option_groups(flags: list[str]) -> list[list[str]]:
+    """``["--a", "1", "--b", "--c", "2", "3"]`` -> ``[["--a", "1"], ["--b"], ["--c", "2", "3"]]`` (an option and its values)."""
+    groups: list[list[str]] = []
+    for f in flags:
+        if f.startswith("--") or not groups:
+            groups.append([f])
+        else:
+            groups[-1].append(f)
+    return groups
+
+
 def tuned_preset(tuning: dict, label: str, winner: dict) -> list[str]:
-    return [*tuning["methods_table"][label], *winner["flags"]]
+    """``[algo, preset flags..., winning flags...]``, without the preset's options that the winning flags set again
+    (the run is the same, as the last value wins; the written preset keeps one value per option)."""
+    algo, *preset = tuning["methods_table"][label]
+    won = {g[0] for g in option_groups(winner["flags"])}
+    kept = [f for g in option_groups(preset) if g[0] not in won for f in g]
+    return [algo, *kept, *winner["flags"]]
 
 
 def seeds_text(seeds: list[int]) -> str:

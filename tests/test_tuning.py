@@ -189,6 +189,18 @@ def test_tune_picks_the_highest_mean_success_with_the_auc_tie_break_and_writes_t
     assert "--hidden-sizes 36 36 --prior-scale 0.1 --kl-coef 1 --seed 1" in proc.stdout and "vs_tuned__s1" in proc.stdout
 
 
+def test_a_tuned_preset_keeps_one_value_per_option():
+    """A preset that pins an option the winning configuration sets again (the last value wins in the run) is written
+    with the winning value only."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from tune import option_groups, tuned_preset
+
+    assert option_groups(["--a", "1", "--b", "--c", "-2", "3"]) == [["--a", "1"], ["--b"], ["--c", "-2", "3"]]
+    tuning = {"methods_table": {"vs": ["ppo_varshare", "--prior-scale", "0.1", "--kl-coef", "1", "--hidden-sizes", "36", "36", "--fixed-sigma"]}}
+    winner = {"flags": ["--prior-scale", "1", "--kl-coef", "0.1"]}
+    assert tuned_preset(tuning, "vs", winner) == ["ppo_varshare", "--hidden-sizes", "36", "36", "--fixed-sigma", "--prior-scale", "1", "--kl-coef", "0.1"]
+
+
 def test_tune_refuses_to_choose_with_a_configuration_short_of_seeds_unless_allowed(tmp_path):
     cfg, runs, out = write_config(tmp_path), tmp_path / "runs_tuning", tmp_path / "out"
     tuning_runs(runs, skip=("vs@c1_b0.1__s103",))
