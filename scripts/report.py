@@ -325,11 +325,31 @@ def read_ablation(config: Path) -> dict[str, list[str]]:
     return table
 
 
+def kl_factor(run: dict, ref_sigma0: dict | None) -> float | None:
+    """The factor that puts a run's final KL at the reference prior: ``(sigma0_run / sigma0_ref)^2`` when every layer's
+    sigma0 differs from the reference by one ratio (``prior_scale`` alone differs, fan_in mode) and the run's KL is a
+    mean part only (``mu^2 / (2 sigma0^2)`` scales exactly so); 1 for the same prior or where sigma0 is not recorded;
+    None where no single factor exists."""
+    sigma0 = run["config"].get("derived", {}).get("sigma0")
+    if not sigma0 or not ref_sigma0:
+        return 1.0
+    if set(sigma0) != set(ref_sigma0):
+        return None
+    ratios = [sigma0[k] / ref_sigma0[k] for k in sigma0]
+    if max(ratios) - min(ratios) > 1e-9 * max(ratios):
+        return None
+    if abs(ratios[0] - 1.0) <= 1e-12:
+        return 1.0
+    has_var = any(v != 0 for k, v in (run["summary"].get("final_kl") or {}).items() if k.startswith("varshare/kl_var_part/"))
+    return None if has_var else ratios[0] ** 2
+
+
 def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci: dict, curves: dict, members: dict) -> list[str]:
     """One table per ablation group: final success (mean, 95% CI), early AUC (mean success over the evaluations in the
-    first quarter of the budget) and AUC (all evaluations), the residual price each task pays (final KL in nats; L2Soft
-    and mean mode: the KL's mean part, i.e. the penalty at the matched price over beta) and the residual directions
-    (mean and most negative off-diagonal cosine of the task x task residual-mean cosines), mean over seeds."""
+    first quarter of the budget) and AUC (all evaluations), the residual price each task pays (final KL in nats at the
+    prior of the group's first row, see :func:`kl_factor`; L2Soft and mean mode: the KL's mean part, i.e. the penalty at
+    the matched price over beta) and the residual directions (mean and most negative off-diagonal cosine of the task x
+    task residual-mean cosines), mean over seeds."""
     lines = []
     for group, labels in groups.items():
         present = [label for label in labels if label in score_dict]
@@ -337,10 +357,13 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
         if not present:
             continue
         tasks = score_dict[present[0]].shape[1]
+        ref_sigma0 = members[keys[present[0]]][0]["config"].get("derived", {}).get("sigma0")
         lines += [f"### Ablation: {group} (protocol.md section 8)", "",
                   f"Early AUC: mean success over the evaluations in the first {EARLY_FRACTION:.0%} of the budget; AUC: over all. "
                   "KL: final KL(q_t || p) per task in nats, summed over tasks (L2Soft and mean mode: its mean part, the matched "
-                  "penalty / beta). Cosines: off-diagonal entries of the task x task cosine of the residual means.", "",
+                  f"penalty / beta), at the prior of the group's first row ({present[0]}): a run with another prior scale (an "
+                  "L2Soft row pinned to another c) has its mean part rescaled by (sigma0_run / sigma0_ref)^2, '-' where no single "
+                  "factor exists. Cosines: off-diagonal entries of the task x task cosine of the residual means.", "",
                   "| method | runs | mean success | early AUC | AUC | total KL | largest task KL | mean cosine | lowest cosine |",
                   "|---|---:|---|---:|---:|---:|---|---:|---:|"]
         task_kl = {}
@@ -350,10 +373,11 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
             early_auc = f"{curve[:, :, early].mean():.3f}" if early else "-"
             runs = members[keys[label]]
             kl = [r["summary"].get("final_kl") or {} for r in runs]
+            factors = [kl_factor(r, ref_sigma0) for r in runs]
             kl_cells, cos_cells = ["-", "-"], ["-", "-"]
-            if kl and all(kl):
+            if kl and all(kl) and None not in factors:
                 names = list(runs[0]["summary"]["final_success"])
-                per_task = {t: float(np.mean([final_task_kl(k, t) for k in kl]))
+                per_task = {t: float(np.mean([f * final_task_kl(k, t) for k, f in zip(kl, factors)]))
                             for t in names}
                 task_kl[label] = per_task
                 top = max(per_task, key=per_task.get)

@@ -1,7 +1,8 @@
 """One row per finished run of toy/CartPole-Targets-MT10 (tuning or report runs): final success, success AUC, the four
 off-centre tasks, the mean final KL per task of the centre and of the off-centre tasks, and the cosine of the
 standard-right and standard-left residual means (VarShare and L2Soft; for L2Soft the "KL" is the size of its residuals
-measured at the prior of the config's VarShare, not a price it pays). Rows follow the config's [tuning] order.
+measured at the prior the run records, c 0.1 for every L2Soft tuning run, not a price it pays). Rows follow the
+config's [tuning] order.
 
     python scripts/targets_table.py --config configs/toy_cartpole_targets_mt10.toml \\
         context/results/targets_mt10_tuning context/results/targets_mt10_tuning_extra

@@ -82,8 +82,8 @@ def test_vectorised_cartpole_refuses_bad_actions_and_modes():
 
 
 def test_a_training_run_is_identical_with_the_vectorised_and_the_gymnasium_envs(tmp_path):
-    """ppo_mtl_embed on Targets-MT3 (training envs and evaluation envs both come from make_vector_env): the same
-    final weights and the same evaluations with --vector-mode sync (vectorised) and gym (the reference)."""
+    """ppo_mtl_embed on Targets-MT3: the same final weights and the same evaluations with --vector-mode sync (training
+    and evaluation envs vectorised) and gym (gymnasium's SyncVectorEnv for both: the reference)."""
     common = ["--env-id", "toy/CartPole-Targets-MT3", "--total-timesteps", "12288", "--num-steps", "256",
               "--eval-every", "6144", "--eval-episodes", "4", "--seed", "5"]
     out = {}

@@ -358,14 +358,24 @@ def test_report_ablation_section_numbers_by_hand(tmp_path):
     runs = tmp_path / "runs"
     cos = np.array([[1.0, 0.5, -0.2], [0.5, 1.0, -0.6], [-0.2, -0.6, 1.0]])
     finals = {"varshare": [0.8, 0.4, 1.0], "l2soft": [0.6, 0.2, 0.4]}
+    sigma0 = {"actor.0": 0.5, "actor.1": 0.2}
     for label, final in finals.items():
         for seed in (1, 2):
             kl = {f"varshare/kl_mean_part/{t}": 2.0 * seed + i for i, t in enumerate(tasks)} | {f"varshare/kl_var_part/{t}": 0.5 for t in tasks}
             fake_run(runs, f"{label}__s{seed}", "ppo_varshare", seed, dict(zip(tasks, final)), steps=steps,
                      extra={"final_kl": kl, "residual_cosine": cos.tolist()})
+            cfg = runs / f"{label}__s{seed}" / "config.json"
+            cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "derived": {"sigma0": sigma0}}))
+    # rows at other priors: a mean-part-only row at a tenth of the prior scale (its KL x 0.01 at the reference prior),
+    # and a row with a variance part at another prior (no single factor: '-')
+    for label, scale, var in (("l2soft_tuned", 0.1, 0.0), ("varshare_step", 0.1, 0.5)):
+        kl = {f"varshare/kl_mean_part/{t}": 100.0 * (i + 1) for i, t in enumerate(tasks)} | {f"varshare/kl_var_part/{t}": var for t in tasks}
+        fake_run(runs, f"{label}__s1", "ppo_varshare", 1, dict(zip(tasks, [0.5] * 3)), steps=steps, extra={"final_kl": kl})
+        cfg = runs / f"{label}__s1" / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "derived": {"sigma0": {k: scale * v for k, v in sigma0.items()}}}))
     config = tmp_path / "c.toml"
     config.write_text('[methods]\nvarshare = ["ppo_varshare"]\nl2soft = ["ppo_varshare", "--residual", "l2"]\nvarshare_step = ["ppo_varshare"]\n'
-                      '[ablation]\nmatched = ["l2soft", "varshare", "varshare_step", "l2soft_tuned"]\n')
+                      'varshare_mean = ["ppo_varshare"]\n[ablation]\nmatched = ["l2soft", "varshare", "varshare_step", "l2soft_tuned", "varshare_mean"]\n')
     out = tmp_path / "report"
     proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--reps", "200", "--ablation", str(config)],
                           capture_output=True, text=True, cwd=REPO, timeout=1200)
@@ -382,7 +392,11 @@ def test_report_ablation_section_numbers_by_hand(tmp_path):
         assert float(row[5]) == pytest.approx(sum(per_task), abs=0.05) and row[6].strip() == "c 5.5"
         assert row[7].strip() == f"{np.mean([0.5, -0.2, 0.5, -0.6, -0.2, -0.6]):+.2f}" and row[8].strip() == "-0.60"
     assert "| varshare | 3.5 | 4.5 | 5.5 |" in section
-    assert "Not run yet in this group: varshare_step, l2soft_tuned." in section
+    assert "| l2soft_tuned | 1.0 | 2.0 | 3.0 |" in section  # 100, 200, 300 nats at c / 10 are 1, 2, 3 at the reference c
+    step_row = next(line for line in section.splitlines() if line.startswith("| varshare_step |")).split("|")[1:-1]
+    assert step_row[5].strip() == "-" and step_row[6].strip() == "-"
+    assert "at the prior of the group's first row (l2soft)" in section
+    assert "Not run yet in this group: varshare_mean." in section
     config.write_text('[methods]\nvarshare = ["ppo_varshare"]\n[ablation]\nmatched = ["varshare", "nope"]\n')
     proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--ablation", str(config)], capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert proc.returncode != 0 and "nope not in its [methods] table" in proc.stderr

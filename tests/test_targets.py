@@ -77,10 +77,12 @@ def test_success_needs_the_time_limit_and_the_last_100_steps_near_the_target(tai
     assert reward == pytest.approx(1.0 - tail_distance / 2.4)
 
 
-def test_success_reaches_the_episode_tracker_through_the_vector_env():
-    """SAME_STEP autoreset moves the last step's info into final_info: the tracker must still see it."""
+@pytest.mark.parametrize("vector_mode", ["gym", "sync"])
+def test_success_reaches_the_episode_tracker_through_the_vector_env(vector_mode):
+    """SAME_STEP autoreset moves the last step's info into final_info: the tracker must still see it (gymnasium's
+    SyncVectorEnv and the vectorised CartPole)."""
     suite = make_suite("toy/CartPole-Targets-MT3")
-    envs, task_ids = make_vector_env(suite, 1, seed=0)
+    envs, task_ids = make_vector_env(suite, 1, seed=0, vector_mode=vector_mode)
     tracker = EpisodeTracker(suite, task_ids)
     obs, _ = envs.reset(seed=[0, 1, 2])
     finished = []

@@ -534,7 +534,7 @@ def main(args: Args) -> None:
     task_ids_t = torch.as_tensor(task_ids, device=device)
     obs_norm = ObsNormalizer(obs_shape, args.norm_obs)
     reward_scaler = RewardScaler(num_envs, args.gamma, args.norm_reward)
-    evaluator = Evaluator(suite, args.eval_episodes, args.seed + 100_000, device)
+    evaluator = Evaluator(suite, args.eval_episodes, args.seed + 100_000, device, vector_mode=args.vector_mode)
 
     # ---- networks
     agent = Agent(obs_dim, act_dim, discrete, num_tasks, args).to(device)

@@ -26,7 +26,8 @@ class Evaluator:
     (num_tasks, envs_per_task, obs_dim) on ``device``, with ``task_ids = arange(num_tasks)``, and must
     act deterministically (distribution mode), returning (num_tasks, envs_per_task[, act_dim])."""
 
-    def __init__(self, suite: Suite, episodes_per_task: int, seed: int, device, max_envs_per_task: int = 16):
+    def __init__(self, suite: Suite, episodes_per_task: int, seed: int, device, max_envs_per_task: int = 16, vector_mode: str = "sync"):
+        """``vector_mode``: the training run's (mtrl.envs.make_vector_env); ``async`` evaluates in this process (sync)."""
         self.suite, self.device, self.seed, self.episodes = suite, device, seed, episodes_per_task
         self.official = suite.tasks[0].make_eval is not None  # Meta-World: metaworld.evaluation's protocol
         if self.official:
@@ -34,7 +35,7 @@ class Evaluator:
             self.group_task_ids = torch.arange(suite.num_tasks, device=device)
             return
         self.n_per_task = min(episodes_per_task, max_envs_per_task)
-        self.envs, self.task_ids = make_vector_env(suite, self.n_per_task, seed)
+        self.envs, self.task_ids = make_vector_env(suite, self.n_per_task, seed, "gym" if vector_mode == "gym" else "sync")
         # every env runs a fixed quota of episodes, so long and short episodes are not over- or under-counted
         base, extra = divmod(episodes_per_task, self.n_per_task)
         self.quota = np.array([base + (i % self.n_per_task < extra) for i in range(len(self.task_ids))])

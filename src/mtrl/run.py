@@ -408,8 +408,9 @@ class Run:
 
     # ---- checkpoints ----
     def save_checkpoint(self, state: dict) -> None:
-        """Also saves the run's wall clock so far, so a resumed run's wall clock continues from it (the time between
-        the checkpoint and an interruption, the work that is redone, is not counted)."""
+        """Also saves the run's wall clock so far, so a resumed run's wall clock continues from it. After a crash the
+        time since the last checkpoint is not counted; a stop signal's checkpoint holds the iteration start, so the
+        partial rollout it drops (at most one rollout, done again after the resume) is counted twice."""
         path = self.dir / CHECKPOINT_NAME
         tmp = path.with_suffix(".tmp")
         torch.save({**state, "wall_clock_s": time.time() - self.start_time}, tmp)
