@@ -268,3 +268,33 @@ def test_tiny_continuous_run(runs_dir):
     assert summary["total_steps"] == 128
     assert json.loads((run_dir / "config.json").read_text())["derived"]["params"] == summary["params"]
     assert max(v for _, v in scalars(run_dir)["debug/first_minibatch_max_ratio_dev"]) < 1e-4
+
+
+def test_the_maskout_threshold_rule_by_hand(tmp_path):
+    """scripts/paco_threshold.py: 10 x the 99th percentile of the per-iteration paco/task_loss_max, rounded up to two
+    significant digits, from the runs' TensorBoard files; a folder without the scalars is an error."""
+    import subprocess
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from paco_threshold import round_up_2sig
+
+    assert [round_up_2sig(x) for x in (0.123, 1234.0, 20.0, 0.5, 990.1)] == pytest.approx([0.13, 1300.0, 20.0, 0.5, 1000.0])
+    for name, values in (("a", range(1, 51)), ("b", range(51, 101))):  # two runs: 1..100 in all
+        w = SummaryWriter(str(tmp_path / name))
+        for i, v in enumerate(values):
+            w.add_scalar("paco/task_loss_max", float(v), 1000 * (i + 1))
+            w.add_scalar("paco/mask_events", 1.0 if v == 7 else 0.0, 1000 * (i + 1))
+        w.close()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "paco_threshold.py"), str(tmp_path / "a"), str(tmp_path / "b")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # np.percentile(1..100, 99) = 99.01 -> 990.1 -> 1000; median 50.5; one mask event
+    assert "over 100 iterations of 2 run(s); mask events in these runs: 1" in proc.stdout
+    assert "| median | 50.5 |" in proc.stdout and "| 99th percentile | 99.01 |" in proc.stdout
+    assert "= 1000  (--maskout-threshold)" in proc.stdout
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "paco_threshold.py"), str(tmp_path / "empty")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode != 0 and "no paco/task_loss_max scalars" in proc.stderr
