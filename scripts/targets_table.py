@@ -2,7 +2,7 @@
 off-centre tasks, the mean final KL per task of the centre and of the off-centre tasks, and the cosine of the
 standard-right and standard-left residual means (VarShare and L2Soft; for L2Soft the "KL" is the size of its residuals
 measured at the prior the run records, c 0.1 for every L2Soft tuning run, not a price it pays). Rows follow the
-config's [tuning] order.
+config's [tuning] order (report runs: its [methods] order), then seed; single-task (oracle) runs are skipped.
 
     python scripts/targets_table.py --config configs/toy_cartpole_targets_mt10.toml \\
         context/results/targets_mt10_tuning context/results/targets_mt10_tuning_extra
@@ -49,13 +49,18 @@ def main() -> None:
     for d in [a.config, *a.runs_dirs]:
         if not d.exists():
             raise SystemExit(f"error: {d}: no such file or folder")
+    config = tomllib.loads(a.config.read_text())
     order = {}
-    for label, grid in tomllib.loads(a.config.read_text()).get("tuning", {}).items():
+    for label, grid in config.get("tuning", {}).items():
         if isinstance(grid, dict):
             for name in grid:
                 order[f"{label}@{name}"] = len(order)
+    for label in config.get("methods", {}):  # report runs: the [methods] table's order
+        order.setdefault(label, len(order))
     runs = [r.parent for d in a.runs_dirs for r in d.glob("*/summary.json") if ".incomplete-" not in r.parent.name]
-    runs.sort(key=lambda r: (order.get(r.name.split("__s")[0], len(order)), r.name))
+    # single-task runs (the oracle: one task each) have no off-centre columns; their row is in report.py's table
+    runs = [r for r in runs if set(OFF_CENTRE) <= set(json.loads((r / "summary.json").read_text())["final_success"])]
+    runs.sort(key=lambda r: (order.get(r.name.split("__s")[0], len(order)), int(r.name.rsplit("__s", 1)[1]), r.name))
     print("| method | configuration | seed | final success | success AUC | off-centre (R, long-R, L, long-L) | "
           "KL centre / off-centre (nats per task) | cosine right-left |")
     print("|---|---|---:|---:|---:|---|---|---:|")
