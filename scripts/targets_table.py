@@ -1,11 +1,15 @@
-"""One row per finished run of toy/CartPole-Targets-MT10 (tuning or report runs): final success, success AUC, the four
-off-centre tasks, the mean final KL per task of the centre and of the off-centre tasks, and the cosine of the
-standard-right and standard-left residual means (VarShare and L2Soft; for L2Soft the "KL" is the size of its residuals
-measured at the prior the run records, c 0.1 for every L2Soft tuning run, not a price it pays). Rows follow the
-config's [tuning] order (report runs: its [methods] order), then seed; single-task (oracle) runs are skipped.
+"""One row per finished run of toy/CartPole-Targets-MT10 (tuning or report runs), or with ``--mean`` one row per
+method (and tuning configuration) averaged over its seeds: final success, success AUC, the four off-centre tasks, the
+mean final KL per task of the centre and of the off-centre tasks, and the cosine of the standard-right and
+standard-left residual means (VarShare and L2Soft; for L2Soft the "KL" is the size of its residuals measured at the
+prior the run records, c 0.1 for every L2Soft tuning run, not a price it pays). Rows follow the config's [tuning]
+order (report runs: its [methods] order), then seed. Single-task (oracle) runs are one row per seed made of its ten
+task runs (a seed missing a task is left out and named on stderr): final success and AUC are the means over the
+task runs, as in scripts/report.py.
 
     python scripts/targets_table.py --config configs/toy_cartpole_targets_mt10.toml \\
         context/results/targets_mt10_tuning context/results/targets_mt10_tuning_extra
+    python scripts/targets_table.py --config configs/toy_cartpole_targets_mt10.toml --mean context/results/targets_mt10
 """
 
 from __future__ import annotations
@@ -14,36 +18,76 @@ import argparse
 import json
 import sys
 import tomllib
+from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import final_task_kl  # noqa: E402
 
+from mtrl.envs import make_suite  # noqa: E402
+
 OFF_CENTRE = ["standard-right", "long-pole-right", "standard-left", "long-pole-left"]
 
 
-def row(run: Path) -> str:
-    s = json.loads((run / "summary.json").read_text())
+def auc_of(run: Path) -> float:
+    """report.py's success AUC of one run: the mean over evaluations of the mean success over its tasks."""
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line]
+    return sum(sum(e["success"].values()) / len(e["success"]) for e in evals) / len(evals)
+
+
+def run_stats(run: Path) -> dict:
+    """The table's numbers of one multi-task run (KL centre / off-centre and cosine None where the run has none)."""
+    s = json.loads((run / "summary.json").read_text())
     tasks = list(s["final_success"])
-    auc = sum(sum(e["success"].values()) / len(e["success"]) for e in evals) / len(evals)  # report.py's success AUC
-    off = " ".join(f"{s['final_success'][t]:.1f}" for t in OFF_CENTRE)
     kl, cos = s.get("final_kl") or {}, s.get("residual_cosine")
-    kl_cell = cos_cell = "-"
+    kl_pair = cos_rl = None
     if kl and cos:
         per_task = {t: final_task_kl(kl, t) for t in tasks}
-        centre = [per_task[t] for t in tasks if t not in OFF_CENTRE]
-        kl_cell = f"{sum(centre) / len(centre):.1f} / {sum(per_task[t] for t in OFF_CENTRE) / len(OFF_CENTRE):.1f}"
-        cos_cell = f"{cos[tasks.index('standard-right')][tasks.index('standard-left')]:+.2f}"
+        kl_pair = (float(np.mean([per_task[t] for t in tasks if t not in OFF_CENTRE])), float(np.mean([per_task[t] for t in OFF_CENTRE])))
+        cos_rl = cos[tasks.index("standard-right")][tasks.index("standard-left")]
     label, _, rest = run.name.partition("@")
-    configuration = rest.split("__s")[0] if rest else "-"
-    seed = run.name.rsplit("__s", 1)[1]
-    return f"| {label if rest else run.name.split('__s')[0]} | {configuration} | {seed} | {s['mean_success']:.2f} | {auc:.3f} | {off} | {kl_cell} | {cos_cell} |"
+    return {"label": label if rest else run.name.split("__s")[0], "configuration": rest.split("__s")[0] if rest else "-",
+            "seed": int(run.name.rsplit("__s", 1)[1]), "success": s["mean_success"], "auc": auc_of(run),
+            "off": [s["final_success"][t] for t in OFF_CENTRE], "kl": kl_pair, "cos": cos_rl}
+
+
+def oracle_stats(runs: list[Path], suite_tasks: list[str]) -> list[dict]:
+    """One entry per seed whose oracle ran every task: means over its task runs (`<label>__<task>__s<seed>`)."""
+    by_seed = defaultdict(dict)
+    for run in runs:
+        label_task, seed = run.name.rsplit("__s", 1)
+        label, task = label_task.split("__", 1)
+        by_seed[(label, int(seed))][task] = run
+    out = []
+    for (label, seed), per_task in sorted(by_seed.items()):
+        missing = [t for t in suite_tasks if t not in per_task]
+        if missing:
+            print(f"note: {label} seed {seed}: oracle incomplete (no finished run for {', '.join(missing)}); left out", file=sys.stderr)
+            continue
+        final = {t: json.loads((per_task[t] / "summary.json").read_text())["final_success"][t] for t in suite_tasks}
+        out.append({"label": label, "configuration": "-", "seed": seed, "success": float(np.mean(list(final.values()))),
+                    "auc": float(np.mean([auc_of(per_task[t]) for t in suite_tasks])), "off": [final[t] for t in OFF_CENTRE],
+                    "kl": None, "cos": None})
+    return out
+
+
+def fmt(label: str, configuration: str, seeds: str, rows: list[dict]) -> str:
+    """One table row: the means over ``rows`` (one row: its own numbers)."""
+    off = " ".join(f"{np.mean([r['off'][i] for r in rows]):.1f}" for i in range(len(OFF_CENTRE)))
+    kls = [r["kl"] for r in rows if r["kl"] is not None]
+    kl_cell = f"{np.mean([k[0] for k in kls]):.1f} / {np.mean([k[1] for k in kls]):.1f}" if kls else "-"
+    coss = [r["cos"] for r in rows if r["cos"] is not None]
+    cos_cell = f"{np.mean(coss):+.2f}" if coss else "-"
+    return (f"| {label} | {configuration} | {seeds} | {np.mean([r['success'] for r in rows]):.2f} | "
+            f"{np.mean([r['auc'] for r in rows]):.3f} | {off} | {kl_cell} | {cos_cell} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, required=True, help="the suite config (its [tuning] table orders the rows)")
+    p.add_argument("--mean", action="store_true", help="one row per method (and configuration): means over its seeds")
     p.add_argument("runs_dirs", type=Path, nargs="+", help="folders of run folders (finished runs: summary.json)")
     a = p.parse_args()
     for d in [a.config, *a.runs_dirs]:
@@ -58,14 +102,25 @@ def main() -> None:
     for label in config.get("methods", {}):  # report runs: the [methods] table's order
         order.setdefault(label, len(order))
     runs = [r.parent for d in a.runs_dirs for r in d.glob("*/summary.json") if ".incomplete-" not in r.parent.name]
-    # single-task runs (the oracle: one task each) have no off-centre columns; their row is in report.py's table
-    runs = [r for r in runs if set(OFF_CENTRE) <= set(json.loads((r / "summary.json").read_text())["final_success"])]
-    runs.sort(key=lambda r: (order.get(r.name.split("__s")[0], len(order)), int(r.name.rsplit("__s", 1)[1]), r.name))
-    print("| method | configuration | seed | final success | success AUC | off-centre (R, long-R, L, long-L) | "
-          "KL centre / off-centre (nats per task) | cosine right-left |")
+    multi = [r for r in runs if set(OFF_CENTRE) <= set(json.loads((r / "summary.json").read_text())["final_success"])]
+    single = [r for r in runs if r not in multi]  # the oracle: one task per run
+    rows = [run_stats(r) for r in multi]
+    if single:
+        rows += oracle_stats(single, make_suite(json.loads((single[0] / "config.json").read_text())["args"]["env_id"]).task_names)
+    rows.sort(key=lambda r: (order.get(r["label"] if r["configuration"] == "-" else f"{r['label']}@{r['configuration']}", len(order)),
+                             r["label"], r["configuration"], r["seed"]))
+    print("| method | configuration | " + ("seeds" if a.mean else "seed") + " | final success | success AUC | "
+          "off-centre (R, long-R, L, long-L) | KL centre / off-centre (nats per task) | cosine right-left |")
     print("|---|---|---:|---:|---:|---|---|---:|")
-    for run in runs:
-        print(row(run))
+    if not a.mean:
+        for r in rows:
+            print(fmt(r["label"], r["configuration"], str(r["seed"]), [r]))
+        return
+    groups = defaultdict(list)
+    for r in rows:  # dicts keep the sorted order
+        groups[(r["label"], r["configuration"])].append(r)
+    for (label, configuration), rs in groups.items():
+        print(fmt(label, configuration, ",".join(str(r["seed"]) for r in rs), rs))
 
 
 if __name__ == "__main__":

@@ -528,3 +528,33 @@ def test_targets_table_numbers_by_hand(tmp_path):
     mean = np.mean(list(success.values()))
     assert cells[:5] == ["varshare", "c1_b0.1", "101", f"{mean:.2f}", f"{mean * 0.75:.3f}"]  # the curve: 1/2 then all of the final
     assert cells[5] == "1.0 1.0 1.0 1.0" and cells[6] == f"{centre_kl:.1f} / {off_kl:.1f}" and cells[7] == "-0.25"
+
+
+def test_targets_table_mean_rows_and_oracle_by_hand(tmp_path):
+    """targets_table.py --mean: one row per method averaged over its seeds, and the oracle's row made of its task runs
+    (a seed that misses a task is left out, not averaged in)."""
+    from mtrl.envs import make_suite
+
+    tasks = make_suite("toy/CartPole-Targets-MT10").task_names
+    for seed, value in [(1, 1.0), (2, 0.5)]:
+        fake_run(tmp_path, f"mtl_embed__s{seed}", "ppo_mtl_embed", seed, {t: value for t in tasks}, steps=(100, 200))
+    for seed in (1, 2):
+        for i, t in enumerate(tasks):
+            if seed == 2 and t == "standard-left":
+                continue  # seed 2's oracle is incomplete
+            fake_run(tmp_path, f"single__{t}__s{seed}", "ppo_single", seed, {t: 1.0 if i % 2 else 0.0}, task=t, steps=(10, 20, 30, 40))
+            config = tmp_path / f"single__{t}__s{seed}" / "config.json"  # the suite the oracle's task comes from
+            config.write_text(config.read_text().replace("toy/CartPole-MT10", "toy/CartPole-Targets-MT10"))
+    out = subprocess.run([sys.executable, "scripts/targets_table.py", "--config", "configs/toy_cartpole_targets_mt10.toml", "--mean", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "single seed 2: oracle incomplete" in out.stderr
+    rows = {c[0]: c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in out.stdout.splitlines()[2:])}
+    assert list(rows) == ["single", "mtl_embed"]  # the config's [methods] order
+    # mtl_embed: final 1.0 and 0.5 -> 0.75; each curve is (1/2, 1) x final -> AUC 0.75 x final -> 0.5625
+    assert rows["mtl_embed"][2:4] == ["1,2", "0.75"] and float(rows["mtl_embed"][4]) == pytest.approx(0.5625, abs=6e-4)
+    assert rows["mtl_embed"][5] == "0.8 0.8 0.8 0.8"  # (1 + 0.5) / 2 = 0.75, printed to one decimal
+    # the oracle, seed 1 only: odd-indexed tasks succeed; curves 1/4..1 -> AUC 0.625 x final
+    odd = np.mean([1.0 if i % 2 else 0.0 for i in range(len(tasks))])
+    off = " ".join(f"{1.0 if tasks.index(t) % 2 else 0.0:.1f}" for t in ["standard-right", "long-pole-right", "standard-left", "long-pole-left"])
+    assert rows["single"][2:6] == ["1", f"{odd:.2f}", f"{odd * 0.625:.3f}", off]
