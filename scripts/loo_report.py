@@ -159,9 +159,30 @@ def write_loo_report(runs_dirs: list[Path], out: Path, reps: int = 2000) -> str:
         png = plot_transfer(env_id, task, groups, out, reps)
         lines += ["", f"![transfer curves on {task}]({png})", ""]
     write_csv(out / "loo.csv", rows)
+    lines[4:4] = summary_table(rows)  # after the title and the description
     text = "\n".join(lines)
     (out / "loo.md").write_text(text)
     return text
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    """The compact table: per held-out task and method, the means over seeds of the jumpstart, and for finetune and
+    task-only the AUC / scratch and the final success (the CIs are in the per-task tables below)."""
+    def num(row: dict | None, field: str, digits: int = 2) -> str:
+        return "-" if row is None or row.get(field, "") == "" else f"{float(row[field]):.{digits}f}"
+
+    by = {(r["benchmark"], r["held_out"], r["method"], r["regime"]): r for r in rows}
+    out = ["## Summary (means over seeds; CIs in the per-task tables)", "",
+           "| benchmark | held-out task | method | seeds | jumpstart | finetune AUC / scratch | finetune final | "
+           "task-only AUC / scratch | task-only final | scratch AUC | scratch final |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for env_id, task in dict.fromkeys((r["benchmark"], r["held_out"]) for r in rows):
+        scratch = by.get((env_id, task, "single", "scratch"))
+        for method in dict.fromkeys(r["method"] for r in rows if (r["benchmark"], r["held_out"]) == (env_id, task) and r["regime"] != "scratch"):
+            ft, to, zs = (by.get((env_id, task, method, regime)) for regime in ("finetune", "task-only", "zero-shot"))
+            seeds = max(r["seeds"] for r in (ft, to, zs) if r is not None)
+            out.append(f"| {env_id} | {task} | {method} | {seeds} | {num(zs or ft, 'jumpstart')} | {num(ft, 'auc_ratio_scratch')} | "
+                       f"{num(ft, 'final')} | {num(to, 'auc_ratio_scratch')} | {num(to, 'final')} | {num(scratch, 'auc', 3)} | {num(scratch, 'final')} |")
+    return out + [""]
 
 
 def plot_transfer(env_id: str, task: str, groups: dict, out: Path, reps: int) -> str:

@@ -381,3 +381,12 @@ def test_loo_sh_runs_both_phases_and_the_report_reads_them(tmp_path):
     assert "differs from the pre-training" not in text and (out / f"loo_toy-CartPole-Targets-MT3_{HELD}.png").is_file()
     csv_rows = (out / "loo.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 4 and "auc_ratio_scratch" in csv_rows[0]
+    # the summary row repeats the per-regime numbers: jumpstart, finetune and task-only AUC / scratch and final, scratch's
+    import csv as csv_module
+
+    by = {r["regime"]: r for r in csv_module.DictReader(csv_rows)}
+    f = lambda regime, field, d=2: f"{float(by[regime][field]):.{d}f}"  # noqa: E731
+    summary = (f"| toy/CartPole-Targets-MT3 | {HELD} | embed | 1 | {f('zero-shot', 'jumpstart')} | {f('finetune', 'auc_ratio_scratch')} | "
+               f"{f('finetune', 'final')} | {f('task-only', 'auc_ratio_scratch')} | {f('task-only', 'final')} | {f('scratch', 'auc', 3)} | "
+               f"{f('scratch', 'final')} |")
+    assert summary in text, text
