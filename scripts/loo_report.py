@@ -129,6 +129,7 @@ def write_loo_report(runs_dirs: list[Path], out: Path, reps: int = 2000) -> str:
              f"success over the transfer budget's evaluations. Steps to {THRESHOLD}: first evaluation at or above it, censored "
              "at the run's final step when never reached (reached: seeds that did).", ""]
     lines += warnings_section(warnings_, "missing, unfinished or inconsistent runs")
+    summary_at = len(lines)  # the summary table goes here, once every task's rows are known
     rows = []
     for (env_id, task), groups in sorted(table.items()):
         order = (["scratch"] if "scratch" in groups else []) + sorted((g for g in groups if g != "scratch"),
@@ -159,7 +160,7 @@ def write_loo_report(runs_dirs: list[Path], out: Path, reps: int = 2000) -> str:
         png = plot_transfer(env_id, task, groups, out, reps)
         lines += ["", f"![transfer curves on {task}]({png})", ""]
     write_csv(out / "loo.csv", rows)
-    lines[4:4] = summary_table(rows)  # after the title and the description
+    lines[summary_at:summary_at] = summary_table(rows)
     text = "\n".join(lines)
     (out / "loo.md").write_text(text)
     return text
@@ -169,17 +170,18 @@ def summary_table(rows: list[dict]) -> list[str]:
     """The compact table: per held-out task and method, the means over seeds of the jumpstart, and for finetune and
     task-only the AUC / scratch and the final success (the CIs are in the per-task tables below)."""
     def num(row: dict | None, field: str, digits: int = 2) -> str:
-        return "-" if row is None or row.get(field, "") == "" else f"{float(row[field]):.{digits}f}"
+        value = None if row is None or row.get(field, "") == "" else float(row[field])
+        return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"  # a ratio to a scratch AUC of 0: "-"
 
     by = {(r["benchmark"], r["held_out"], r["method"], r["regime"]): r for r in rows}
     out = ["## Summary (means over seeds; CIs in the per-task tables)", "",
-           "| benchmark | held-out task | method | seeds | jumpstart | finetune AUC / scratch | finetune final | "
+           "| benchmark | held-out task | method | seeds (finetune / task-only) | jumpstart | finetune AUC / scratch | finetune final | "
            "task-only AUC / scratch | task-only final | scratch AUC | scratch final |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for env_id, task in dict.fromkeys((r["benchmark"], r["held_out"]) for r in rows):
         scratch = by.get((env_id, task, "single", "scratch"))
         for method in dict.fromkeys(r["method"] for r in rows if (r["benchmark"], r["held_out"]) == (env_id, task) and r["regime"] != "scratch"):
             ft, to, zs = (by.get((env_id, task, method, regime)) for regime in ("finetune", "task-only", "zero-shot"))
-            seeds = max(r["seeds"] for r in (ft, to, zs) if r is not None)
+            seeds = "/".join(str(r["seeds"]) if r is not None else "0" for r in (ft, to))  # finetune / task-only
             out.append(f"| {env_id} | {task} | {method} | {seeds} | {num(zs or ft, 'jumpstart')} | {num(ft, 'auc_ratio_scratch')} | "
                        f"{num(ft, 'final')} | {num(to, 'auc_ratio_scratch')} | {num(to, 'final')} | {num(scratch, 'auc', 3)} | {num(scratch, 'final')} |")
     return out + [""]

@@ -5,7 +5,9 @@ standard-left residual means (VarShare and L2Soft; for L2Soft the "KL" is the si
 prior the run records, c 0.1 for every L2Soft tuning run, not a price it pays). Rows follow the config's [tuning]
 order (report runs: its [methods] order), then seed. Single-task (oracle) runs are one row per seed made of its ten
 task runs (a seed missing a task is left out and named on stderr): final success and AUC are the means over the
-task runs, as in scripts/report.py.
+task runs, as in scripts/report.py (which, across runs evaluated at different steps, keeps only the shared steps;
+this table uses each run's own). A multi-task run without the off-centre tasks (another suite, a LOO pre-training)
+is an error.
 
     python scripts/targets_table.py --config configs/toy_cartpole_targets_mt10.toml \\
         context/results/targets_mt10_tuning context/results/targets_mt10_tuning_extra
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import final_task_kl  # noqa: E402
+from report import by_step, final_task_kl  # noqa: E402
 
 from mtrl.envs import make_suite  # noqa: E402
 
@@ -34,7 +36,10 @@ OFF_CENTRE = ["standard-right", "long-pole-right", "standard-left", "long-pole-l
 def auc_of(run: Path) -> float:
     """report.py's success AUC of one run: the mean over evaluations of the mean success over its tasks."""
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line]
-    return sum(sum(e["success"].values()) / len(e["success"]) for e in evals) / len(evals)
+    evals = list(by_step(evals).values())  # a step evaluated twice (a run resumed at its end) counts once, its last line
+    tasks = list(evals[0]["success"])
+    curve = np.array([[[e["success"][t] for e in evals] for t in tasks]])  # (1 run, tasks, evals), as report.py holds it
+    return float(curve.mean(1).mean())  # report.py's order; an exact tie (0.8165) may still round the other way there
 
 
 def run_stats(run: Path) -> dict:
@@ -102,11 +107,15 @@ def main() -> None:
     for label in config.get("methods", {}):  # report runs: the [methods] table's order
         order.setdefault(label, len(order))
     runs = [r.parent for d in a.runs_dirs for r in d.glob("*/summary.json") if ".incomplete-" not in r.parent.name]
-    multi = [r for r in runs if set(OFF_CENTRE) <= set(json.loads((r / "summary.json").read_text())["final_success"])]
-    single = [r for r in runs if r not in multi]  # the oracle: one task per run
-    rows = [run_stats(r) for r in multi]
-    if single:
-        rows += oracle_stats(single, make_suite(json.loads((single[0] / "config.json").read_text())["args"]["env_id"]).task_names)
+    configs = {r: json.loads((r / "config.json").read_text()) for r in runs}
+    single = [r for r in runs if configs[r]["args"].get("task") is not None]  # the oracle: one task per run (as report.py)
+    other = [r for r in runs if r not in single and not set(OFF_CENTRE) <= set(configs[r]["task_names"])]
+    if other:
+        raise SystemExit(f"error: not toy/CartPole-Targets-MT10 multi-task runs (an off-centre task is missing): {', '.join(r.name for r in other)}")
+    rows = [run_stats(r) for r in runs if r not in single]
+    suites = {configs[r]["args"]["env_id"] for r in single}
+    for env_id in sorted(suites):
+        rows += oracle_stats([r for r in single if configs[r]["args"]["env_id"] == env_id], make_suite(env_id).task_names)
     rows.sort(key=lambda r: (order.get(r["label"] if r["configuration"] == "-" else f"{r['label']}@{r['configuration']}", len(order)),
                              r["label"], r["configuration"], r["seed"]))
     print("| method | configuration | " + ("seeds" if a.mean else "seed") + " | final success | success AUC | "

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -385,8 +386,26 @@ def test_loo_sh_runs_both_phases_and_the_report_reads_them(tmp_path):
     import csv as csv_module
 
     by = {r["regime"]: r for r in csv_module.DictReader(csv_rows)}
-    f = lambda regime, field, d=2: f"{float(by[regime][field]):.{d}f}"  # noqa: E731
-    summary = (f"| toy/CartPole-Targets-MT3 | {HELD} | embed | 1 | {f('zero-shot', 'jumpstart')} | {f('finetune', 'auc_ratio_scratch')} | "
+    f = lambda regime, field, d=2: "-" if not np.isfinite(float(by[regime][field] or "nan")) else f"{float(by[regime][field]):.{d}f}"  # noqa: E731
+    summary = (f"| toy/CartPole-Targets-MT3 | {HELD} | embed | 1/1 | {f('zero-shot', 'jumpstart')} | {f('finetune', 'auc_ratio_scratch')} | "
                f"{f('finetune', 'final')} | {f('task-only', 'auc_ratio_scratch')} | {f('task-only', 'final')} | {f('scratch', 'auc', 3)} | "
                f"{f('scratch', 'final')} |")
     assert summary in text, text
+
+
+def test_loo_summary_table_puts_each_regime_in_its_own_column():
+    """loo_report.summary_table by hand: distinct numbers per regime land in their columns; a NaN ratio prints '-'."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from loo_report import summary_table
+
+    def row(method, regime, seeds, **numbers):
+        return {"benchmark": "b", "held_out": "k", "method": method, "regime": regime, "seeds": seeds, **numbers}
+
+    rows = [row("single", "scratch", 3, auc=0.8, final=1.0),
+            row("m", "finetune", 3, jumpstart=0.25, auc_ratio_scratch=1.5, final=0.75),
+            row("m", "task-only", 2, jumpstart=0.25, auc_ratio_scratch=0.5, final=0.125),
+            row("m", "zero-shot", 3, jumpstart=0.25),
+            row("n", "finetune", 1, jumpstart=0.0, auc_ratio_scratch=float("nan"), final=0.0)]
+    table = summary_table(rows)
+    assert "| b | k | m | 3/2 | 0.25 | 1.50 | 0.75 | 0.50 | 0.12 | 0.800 | 1.00 |" in table
+    assert "| b | k | n | 1/0 | 0.00 | - | 0.00 | - | - | 0.800 | 1.00 |" in table
