@@ -93,6 +93,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, required=True, help="the suite config (its [tuning] table orders the rows)")
     p.add_argument("--mean", action="store_true", help="one row per method (and configuration): means over its seeds")
+    p.add_argument("--methods", default=None, help="only these labels, comma-separated (default: every run found)")
     p.add_argument("runs_dirs", type=Path, nargs="+", help="folders of run folders (finished runs: summary.json)")
     a = p.parse_args()
     for d in [a.config, *a.runs_dirs]:
@@ -118,6 +119,12 @@ def main() -> None:
         rows += oracle_stats([r for r in single if configs[r]["args"]["env_id"] == env_id], make_suite(env_id).task_names)
     rows.sort(key=lambda r: (order.get(r["label"] if r["configuration"] == "-" else f"{r['label']}@{r['configuration']}", len(order)),
                              r["label"], r["configuration"], r["seed"]))
+    if a.methods:
+        wanted = a.methods.split(",")
+        unknown = [m for m in wanted if m not in {r["label"] for r in rows}]
+        if unknown:
+            raise SystemExit(f"error: --methods {','.join(unknown)}: no finished run with that label; found: {', '.join(sorted({r['label'] for r in rows}))}")
+        rows = [r for r in rows if r["label"] in wanted]
     print("| method | configuration | " + ("seeds" if a.mean else "seed") + " | final success | success AUC | "
           "off-centre (R, long-R, L, long-L) | KL centre / off-centre (nats per task) | cosine right-left |")
     print("|---|---|---:|---:|---:|---|---|---:|")

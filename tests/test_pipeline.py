@@ -558,3 +558,9 @@ def test_targets_table_mean_rows_and_oracle_by_hand(tmp_path):
     odd = np.mean([1.0 if i % 2 else 0.0 for i in range(len(tasks))])
     off = " ".join(f"{1.0 if tasks.index(t) % 2 else 0.0:.1f}" for t in ["standard-right", "long-pole-right", "standard-left", "long-pole-left"])
     assert rows["single"][2:6] == ["1", f"{odd:.2f}", f"{odd * 0.625:.3f}", off]
+    only = subprocess.run([sys.executable, "scripts/targets_table.py", "--config", "configs/toy_cartpole_targets_mt10.toml", "--mean",
+                           "--methods", "mtl_embed", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert only.returncode == 0 and [line.split("|")[1].strip() for line in only.stdout.splitlines()[2:]] == ["mtl_embed"]
+    bad = subprocess.run([sys.executable, "scripts/targets_table.py", "--config", "configs/toy_cartpole_targets_mt10.toml",
+                          "--methods", "mtl_embedd", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode != 0 and "mtl_embedd" in bad.stderr
