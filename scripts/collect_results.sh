@@ -23,5 +23,5 @@ for summary in "$src"/*/summary.json; do
   [ ! -f "$run/eval.jsonl" ] || cp "$run/eval.jsonl" "$dest/$name/"
   n=$((n + 1))
 done
-[ ! -f "$src/grid.tsv" ] || cp "$src/grid.tsv" "$dest/grid.tsv"
+[ ! -f "$src/grid.tsv" ] || sed -e "s#$origin/##g" -e "s#$repo/##g" "$src/grid.tsv" >"$dest/grid.tsv"   # LOO rows name --init-from paths
 echo "copied $n finished runs from $src to $dest"

@@ -478,7 +478,7 @@ def test_collect_results_copies_the_small_files_with_relative_paths(tmp_path):
         (d / "config.json").write_text(json.dumps({"args": {"runs_dir": f"{REPO}/runs/study"}, "command": [f"{REPO}/.venv/bin/python"]}))
         (d / "eval.jsonl").write_text("{}\n")
     (done / "summary.json").write_text("{}")
-    (runs / "grid.tsv").write_text("embed__s1\tppo_mtl_embed\t\nembed__s2\tppo_mtl_embed\t\n")
+    (runs / "grid.tsv").write_text(f"embed__s1\tppo_mtl_embed\t--init-from {REPO}/runs/study/pre__s1\nembed__s2\tppo_mtl_embed\t\n")
     dest = tmp_path / "results"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "collect_results.sh"), str(runs), str(dest)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -486,6 +486,7 @@ def test_collect_results_copies_the_small_files_with_relative_paths(tmp_path):
     assert not (dest / "embed__s2").exists() and (dest / "grid.tsv").is_file()
     config = json.loads((dest / "embed__s1" / "config.json").read_text())
     assert config == {"args": {"runs_dir": "runs/study"}, "command": [".venv/bin/python"]}
+    assert (dest / "grid.tsv").read_text().splitlines()[0] == "embed__s1\tppo_mtl_embed\t--init-from runs/study/pre__s1"  # LOO rows
     bad = subprocess.run(["bash", str(REPO / "scripts" / "collect_results.sh"), str(tmp_path / "nope"), str(dest)], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr
 
