@@ -27,6 +27,7 @@ def check_contract(run_dir, algo, env_id, task_names, final_step):
     assert config["algo"] == algo and config["args"]["env_id"] == env_id
     assert config["task_names"] == task_names
     assert set(config["git"]) == {"commit", "dirty"} and config["versions"]["torch"].startswith("2.13")
+    assert isinstance(config["versions"]["cpu"], str) and config["versions"]["cpu"]   # seeds may come from several CPU types
     assert config["derived"]["final_step"] == final_step and "params" in config["derived"]
     evals = read_jsonl(run_dir / "eval.jsonl")
     assert evals and evals[-1]["global_step"] == final_step

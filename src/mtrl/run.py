@@ -190,8 +190,20 @@ def _git_info() -> dict:
         return {"commit": "unknown", "dirty": None}
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (seeds of one study may come from different CPU types, which give different numbers)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _versions() -> dict:
-    out = {"python": platform.python_version()}
+    out = {"python": platform.python_version(), "cpu": _cpu_model()}
     for pkg in ["torch", "numpy", "gymnasium", "metaworld", "mujoco", "tyro", "tensorboard"]:
         try:
             out[pkg] = metadata.version(pkg)
