@@ -565,3 +565,31 @@ def test_targets_table_mean_rows_and_oracle_by_hand(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/targets_table.py", "--config", "configs/toy_cartpole_targets_mt10.toml",
                           "--methods", "mtl_embedd", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode != 0 and "mtl_embedd" in bad.stderr
+
+
+def test_run_cost_splits_a_run_into_rollout_update_and_evaluation_by_hand(tmp_path):
+    """scripts/run_cost.py against a hand-made run: B = 100 samples per iteration, rollout_SPS 50 (2 s per rollout),
+    iteration ends (charts/wall_clock_s) at 5, 12, 19, 23 s, evaluations of 3 s after iterations 1, 2 and 4 (ending at
+    8, 15, 26 s). By hand: updates 12-5-2-3 = 2, 19-12-2-3 = 2, 23-19-2 = 2 (5, 5, 2 if evaluations were not taken out);
+    set-up 5-2-2 = 1."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import run_cost
+
+    run = tmp_path / "fake__s1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"derived": {"batch_size": 100}}))
+    w = SummaryWriter(str(run))
+    for step, wall in [(100, 5.0), (200, 12.0), (300, 19.0), (400, 23.0)]:
+        w.add_scalar("charts/wall_clock_s", wall, step)
+        w.add_scalar("charts/rollout_SPS", 50.0, step)
+    w.close()
+    (run / "eval.jsonl").write_text("".join(json.dumps({"global_step": s, "wall_clock": t}) + "\n" for s, t in [(100, 8.0), (200, 15.0), (400, 26.0)]))
+    r = run_cost.phase_times(run)
+    assert r["iterations"] == 4 and r["evaluations"] == 3 and not r["resumed"]
+    assert r["rollout_s"] == pytest.approx(2.0) and r["update_s"] == pytest.approx(2.0)
+    assert r["eval_s"] == pytest.approx(3.0) and r["setup_s"] == pytest.approx(1.0)
+    assert r["wall_clock_h"] == pytest.approx(26.0 / 3600)
+    with pytest.raises(SystemExit, match="not a run directory"):
+        run_cost.phase_times(tmp_path)
