@@ -22,16 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All TensorBoard scalars of a run: tag -> [(step, value), ...] in logged order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import scalars  # noqa: E402  (the TensorBoard reader the tests and the other scripts use)
 
 
 def phase_times(run_dir: Path) -> dict:
