@@ -13,8 +13,9 @@ end with ``wall_clock``. So, with B samples per iteration:
 - set-up = wall_1 - rollout_1 - the median update (env and network construction before the first iteration).
 
 The table gives medians per iteration (robust to a machine that is busy for a moment), the mean evaluation, the
-run's wall clock, and training SPS = B / (rollout + update). A run that was resumed restarts its clock, so its
-rows are marked and its wall clock is the last segment's.
+run's wall clock, and training SPS = B / (rollout + update). A resumed run continues its checkpoint's clock (the
+time between that checkpoint and the interruption is not counted); runs resumed by older code restarted theirs,
+and such a drop is skipped and the row marked "resumed".
 """
 
 from __future__ import annotations
