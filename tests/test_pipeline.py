@@ -593,3 +593,23 @@ def test_run_cost_splits_a_run_into_rollout_update_and_evaluation_by_hand(tmp_pa
     assert r["wall_clock_h"] == pytest.approx(26.0 / 3600)
     with pytest.raises(SystemExit, match="not a run directory"):
         run_cost.phase_times(tmp_path)
+
+
+def test_eval_table_prints_each_evaluation_with_the_chosen_tasks_by_hand(tmp_path):
+    """scripts/eval_table.py: a multi-task run with two evaluations and an oracle run of one task; the chosen tasks
+    print in the given order, a task the run lacks prints "-", and a folder without eval.jsonl is an error."""
+    multi, oracle = tmp_path / "mtl__s1", tmp_path / "single__b__s1"
+    multi.mkdir(), oracle.mkdir()
+    (multi / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
+        {"global_step": 100, "mean_success": 0.25, "success": {"a": 0.5, "b": 0.0}},
+        {"global_step": 200, "mean_success": 0.75, "success": {"a": 1.0, "b": 0.5}}]))
+    (oracle / "eval.jsonl").write_text(json.dumps({"global_step": 10, "mean_success": 0.3, "success": {"b": 0.3}}) + "\n")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_table.py"), str(multi), str(oracle), "--tasks", "b,a"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "| run | steps | mean success (its tasks) | b | a |"
+    assert lines[2:] == ["| mtl__s1 | 100 | 0.25 | 0.00 | 0.50 |", "| mtl__s1 | 200 | 0.75 | 0.50 | 1.00 |",
+                         "| single__b__s1 | 10 | 0.30 | 0.30 | - |"]
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_table.py"), str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no eval.jsonl" in bad.stderr
