@@ -287,13 +287,16 @@ def test_the_maskout_threshold_rule_by_hand(tmp_path):
             w.add_scalar("paco/task_loss_max", float(v), 1000 * (i + 1))
             w.add_scalar("paco/mask_events", 1.0 if v == 7 else 0.0, 1000 * (i + 1))
         w.close()
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "paco_threshold.py"), str(tmp_path / "a"), str(tmp_path / "b")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    # np.percentile(1..100, 99) = 99.01 -> 990.1 -> 1000; median 50.5; one mask event
-    assert "over 100 iterations of 2 run(s); mask events in these runs: 1" in proc.stdout
-    assert "| median | 50.5 |" in proc.stdout and "| 99th percentile | 99.01 |" in proc.stdout
-    assert "= 1000  (--maskout-threshold)" in proc.stdout
+    csv_path = tmp_path / "series.csv"
+    for inputs in ([str(tmp_path / "a"), str(tmp_path / "b"), "--write-csv", str(csv_path)], [str(csv_path)]):  # runs, then their CSV
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "paco_threshold.py"), *inputs],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        # np.percentile(1..100, 99) = 99.01 -> 990.1 -> 1000; median 50.5; one mask event
+        assert "over 100 iterations of 2 run(s); mask events in these runs: 1" in proc.stdout
+        assert "| median | 50.5 |" in proc.stdout and "| 99th percentile | 99.01 |" in proc.stdout
+        assert "= 1000  (--maskout-threshold)" in proc.stdout
+    assert len(csv_path.read_text().splitlines()) == 101
     (tmp_path / "empty").mkdir()
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "paco_threshold.py"), str(tmp_path / "empty")],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
