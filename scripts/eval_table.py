@@ -10,23 +10,23 @@ A task a run does not have (an oracle run has one) prints "-". Steps are the run
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import read_jsonl  # noqa: E402  (the reader the tests and the other scripts use)
 
-def rows(run_dir: Path, tasks: list[str] | None) -> list[str]:
-    run_dir = Path(run_dir)
-    path = run_dir / "eval.jsonl"
+
+def evaluations(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "eval.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {run_dir}: no eval.jsonl (not a run directory, or never evaluated)")
-    out = []
-    for line in path.read_text().splitlines():
-        if not line:
-            continue
-        e = json.loads(line)
-        cells = [f"{e['success'][t]:.2f}" if t in e["success"] else "-" for t in (tasks or sorted(e["success"]))]
-        out.append(f"| {run_dir.name} | {e['global_step']:,} | {e['mean_success']:.2f} | " + " | ".join(cells) + " |")
-    return out
+    return read_jsonl(path)
+
+
+def rows(run_dir: Path, tasks: list[str]) -> list[str]:
+    return [f"| {Path(run_dir).name} | {e['global_step']:,} | {e['mean_success']:.2f} | "
+            + " | ".join(f"{e['success'][t]:.2f}" if t in e["success"] else "-" for t in tasks) + " |" for e in evaluations(run_dir)]
 
 
 def main() -> None:
@@ -34,12 +34,7 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path, help="run directories (with eval.jsonl)")
     p.add_argument("--tasks", default=None, help="comma-separated task names for the per-task columns (default: every task of the first run)")
     a = p.parse_args()
-    tasks = a.tasks.split(",") if a.tasks else None
-    if tasks is None:
-        first = a.runs[0] / "eval.jsonl"
-        if not first.is_file():
-            raise SystemExit(f"error: {a.runs[0]}: no eval.jsonl (not a run directory, or never evaluated)")
-        tasks = sorted(json.loads(first.read_text().splitlines()[0])["success"])
+    tasks = a.tasks.split(",") if a.tasks else sorted(evaluations(a.runs[0])[0]["success"])
     print("| run | steps | mean success (its tasks) | " + " | ".join(tasks) + " |")
     print("|---|---:|---:|" + "---:|" * len(tasks))
     for r in a.runs:

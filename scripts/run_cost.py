@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import scalars  # noqa: E402  (the TensorBoard reader the tests and the other scripts use)
+from conftest import read_jsonl, scalars  # noqa: E402  (the readers the tests and the other scripts use)
 
 
 def phase_times(run_dir: Path) -> dict:
@@ -43,7 +43,7 @@ def phase_times(run_dir: Path) -> dict:
     wall = tags["charts/wall_clock_s"]
     rollout = [batch / v for _, v in tags["charts/rollout_SPS"]]
     wall_at = dict(wall)
-    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line] if (run_dir / "eval.jsonl").is_file() else []
+    evals = read_jsonl(run_dir / "eval.jsonl") if (run_dir / "eval.jsonl").is_file() else []
     eval_s = {e["global_step"]: e["wall_clock"] - wall_at[e["global_step"]] for e in evals if e["global_step"] in wall_at}
     resumed = any(b[1] < a[1] for a, b in zip(wall, wall[1:]))
     update = []
