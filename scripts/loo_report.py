@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import by_step, check_inputs, check_seeds, fmt_ci, interval_estimates, load_runs, warnings_section, write_csv  # noqa: E402
+from report import by_step, check_inputs, check_seeds, fixed, fmt_ci, interval_estimates, load_runs, warnings_section, write_csv  # noqa: E402
 
 LOO_NAME = re.compile(r"^(?P<label>.+?)__loo-(?P<task>.+)__(?P<regime>pretrain|finetune|task-only)__s(?P<seed>\d+)$")
 REGIMES = ("finetune", "task-only", "zero-shot")
@@ -171,7 +171,7 @@ def summary_table(rows: list[dict]) -> list[str]:
     task-only the AUC / scratch and the final success (the CIs are in the per-task tables below)."""
     def num(row: dict | None, field: str, digits: int = 2) -> str:
         value = None if row is None or row.get(field, "") == "" else float(row[field])
-        return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"  # a ratio to a scratch AUC of 0: "-"
+        return "-" if value is None or not np.isfinite(value) else fixed(value, digits)  # a ratio to a scratch AUC of 0: "-"
 
     by = {(r["benchmark"], r["held_out"], r["method"], r["regime"]): r for r in rows}
     out = ["## Summary (means over seeds; CIs in the per-task tables)", "",

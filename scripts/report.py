@@ -36,10 +36,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 import warnings
 from collections import defaultdict
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -194,8 +196,19 @@ def mean_and_iqm(x: np.ndarray) -> np.ndarray:
     return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
 
 
+def fixed(x: float, digits: int = 3) -> str:
+    """x with `digits` decimals, an exact half rounded up. Success means are fractions (a 10-episode success over
+    tasks and evaluations: k / 2000 and the like), so exact halves such as 0.8405 are common, and the float that
+    stands for one lies just above or just below it depending on the order of the sums that made it; plain
+    formatting would then print 0.840 from one script and 0.841 from another. Snapping to 9 decimals first makes
+    every table print the same digits for the same fraction."""
+    if not math.isfinite(x):
+        return f"{x}"
+    return str(Decimal(f"{x:.9f}").quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
 def fmt_ci(point, ci) -> str:
-    return f"{point:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{fixed(point)} [{fixed(ci[0])}, {fixed(ci[1])}]"
 
 
 def wall_clock_and_sps(runs: list[dict], num_tasks: int) -> tuple[float, float]:
@@ -243,7 +256,7 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
             wall, sps = wall_clock_and_sps(members[k], len(scores[k][0]))
             auc, to_threshold = sample_efficiency(*curves[k])
             lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | "
-                         f"{fmt_ci(point[label][1], ci[label][:, 1])} | {auc:.3f} | {to_threshold} | {p['active_per_task']:,} | {p['inference']:,} | "
+                         f"{fmt_ci(point[label][1], ci[label][:, 1])} | {fixed(auc)} | {to_threshold} | {p['active_per_task']:,} | {p['inference']:,} | "
                          f"{p['total']:,} | {wall:.1f} | {sps:,.0f} |")
             summary_rows.append({"benchmark": env_id, "method": label, "runs": len(score_dict[label]),
                                  "mean": point[label][0], "mean_ci_low": ci[label][0, 0], "mean_ci_high": ci[label][1, 0],
@@ -370,7 +383,7 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
         for label in present:
             steps, curve = curves[keys[label]]
             early = [j for j, st in enumerate(steps) if st <= EARLY_FRACTION * steps[-1]] if steps else []
-            early_auc = f"{curve[:, :, early].mean():.3f}" if early else "-"
+            early_auc = fixed(curve[:, :, early].mean()) if early else "-"
             runs = members[keys[label]]
             kl = [r["summary"].get("final_kl") or {} for r in runs]
             factors = [kl_factor(r, ref_sigma0) for r in runs]
@@ -387,7 +400,7 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
                 off = cos[~np.eye(len(cos), dtype=bool)]
                 cos_cells = [f"{off.mean():+.2f}", f"{off.min():+.2f}"]
             lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | {early_auc} | "
-                         f"{curve.mean():.3f} | {' | '.join(kl_cells)} | {' | '.join(cos_cells)} |")
+                         f"{fixed(curve.mean())} | {' | '.join(kl_cells)} | {' | '.join(cos_cells)} |")
         if task_kl:
             names = list(next(iter(task_kl.values())))
             lines += ["", f"Final KL per task, nats (mean over seeds; {tasks} tasks):", "", "| method | " + " | ".join(names) + " |",

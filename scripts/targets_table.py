@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import by_step, final_task_kl  # noqa: E402
+from report import by_step, final_task_kl, fixed  # noqa: E402
 
 from mtrl.envs import make_suite  # noqa: E402
 
@@ -39,7 +39,7 @@ def auc_of(run: Path) -> float:
     evals = list(by_step(evals).values())  # a step evaluated twice (a run resumed at its end) counts once, its last line
     tasks = list(evals[0]["success"])
     curve = np.array([[[e["success"][t] for e in evals] for t in tasks]])  # (1 run, tasks, evals), as report.py holds it
-    return float(curve.mean(1).mean())  # report.py's order; an exact tie (0.8165) may still round the other way there
+    return float(curve.mean(1).mean())  # report.py's order; printed with report.fixed, so an exact half rounds the same in both
 
 
 def run_stats(run: Path) -> dict:
@@ -85,8 +85,8 @@ def fmt(label: str, configuration: str, seeds: str, rows: list[dict]) -> str:
     kl_cell = f"{np.mean([k[0] for k in kls]):.1f} / {np.mean([k[1] for k in kls]):.1f}" if kls else "-"
     coss = [r["cos"] for r in rows if r["cos"] is not None]
     cos_cell = f"{np.mean(coss):+.2f}" if coss else "-"
-    return (f"| {label} | {configuration} | {seeds} | {np.mean([r['success'] for r in rows]):.2f} | "
-            f"{np.mean([r['auc'] for r in rows]):.3f} | {off} | {kl_cell} | {cos_cell} |")
+    return (f"| {label} | {configuration} | {seeds} | {fixed(np.mean([r['success'] for r in rows]), 2)} | "
+            f"{fixed(np.mean([r['auc'] for r in rows]))} | {off} | {kl_cell} | {cos_cell} |")
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from report import check_seeds, load_runs, sample_efficiency, score_table  # noqa: E402
+from report import check_seeds, fixed, load_runs, sample_efficiency, score_table  # noqa: E402
 from sweep_grid import read_methods, read_tuning  # noqa: E402
 
 TIE = 1e-9
@@ -157,7 +157,7 @@ def write_tables(out: Path, config: Path, runs_dirs: list[Path], tuning: dict, r
              "|---|---|---|---:|---:|---:|:---:|"]
     for r in rows:
         seeds = f"{len(r['seed_list'])}" + ("" if r.get("complete", True) else " (incomplete)")
-        num = lambda v: "-" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+        num = lambda v: "-" if math.isnan(v) else fixed(v)  # noqa: E731
         lines.append(f"| {r['method']} | {r['configuration']} | `{' '.join(r['flags'])}` | {seeds} | {num(r['mean_success'])} | "
                      f"{num(r['success_auc'])} | {'**chosen**' if r.get('chosen') else ''} |")
     if winners:

@@ -509,6 +509,26 @@ def test_mt10_cost_table_arithmetic_by_hand():
     assert hours == pytest.approx((200 * 12 + 10 * 10) / 3600)
 
 
+def test_table_numbers_round_an_exact_half_the_same_whatever_the_summation_order():
+    """report.fixed: success means are fractions whose exact halves (1681/2000 = 0.8405) come out of the float sums
+    just above or just below the half, by the order of the sums; every table prints them as one value (half up)."""
+    import random
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from report import fixed
+
+    values = [0.1 * k for k in range(11)] * 150 + [0.1] * 340 + [0.2] * 10  # 2,000 ten-episode successes
+    assert sum(values) / len(values) == pytest.approx(0.4305)  # the exact mean: 861 / 2000, a half at 3 decimals
+    means = set()
+    for seed in range(40):  # the same numbers summed in other orders
+        random.Random(seed).shuffle(values)
+        means.add(float(np.mean(values)))
+    assert {f"{m:.3f}" for m in means} == {"0.430", "0.431"}  # plain formatting depends on the order ...
+    assert {fixed(m) for m in means} == {"0.431"}  # ... fixed does not
+    assert (fixed(0.8125), fixed(0.8405), fixed(1.0, 2), fixed(0.0), fixed(0.83349)) == ("0.813", "0.841", "1.00", "0.000", "0.833")
+    assert fixed(float("nan")) == "nan"
+
+
 def test_targets_table_numbers_by_hand(tmp_path):
     """scripts/targets_table.py: success, AUC, the off-centre tasks, KL centre / off-centre and the right-left cosine."""
     from mtrl.envs import make_suite
@@ -558,7 +578,7 @@ def test_targets_table_mean_rows_and_oracle_by_hand(tmp_path):
     # the oracle, seed 1 only: odd-indexed tasks succeed; curves 1/4..1 -> AUC 0.625 x final
     odd = np.mean([1.0 if i % 2 else 0.0 for i in range(len(tasks))])
     off = " ".join(f"{1.0 if tasks.index(t) % 2 else 0.0:.1f}" for t in ["standard-right", "long-pole-right", "standard-left", "long-pole-left"])
-    assert rows["single"][2:6] == ["1", f"{odd:.2f}", f"{odd * 0.625:.3f}", off]
+    assert rows["single"][2:6] == ["1", f"{odd:.2f}", "0.313", off]  # 0.5 x 0.625 = 0.3125: an exact half, printed half up
     only = subprocess.run([sys.executable, "scripts/targets_table.py", "--config", "configs/toy_cartpole_targets_mt10.toml", "--mean",
                            "--methods", "mtl_embed", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert only.returncode == 0 and [line.split("|")[1].strip() for line in only.stdout.splitlines()[2:]] == ["mtl_embed"]
