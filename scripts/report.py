@@ -185,9 +185,17 @@ def sample_efficiency(steps: list[int], curve: np.ndarray, threshold: float = 0.
 
 
 def interval_estimates(score_dict: dict, func, reps: int, seed: int = 0):
+    """rliable's stratified-bootstrap point estimates and 95% CIs, the same on every call. rliable 1.2 draws its
+    resampling indices from numpy's global generator whatever random_state it is given, so the global generator is
+    seeded here (and restored afterwards): a report regenerated from the same run files prints the same CIs."""
     from rliable import library as rly
 
-    return rly.get_interval_estimates(score_dict, func, reps=reps, random_state=np.random.RandomState(seed))
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return rly.get_interval_estimates(score_dict, func, reps=reps, random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(state)
 
 
 def mean_and_iqm(x: np.ndarray) -> np.ndarray:

@@ -529,6 +529,27 @@ def test_table_numbers_round_an_exact_half_the_same_whatever_the_summation_order
     assert fixed(float("nan")) == "nan"
 
 
+def test_bootstrap_cis_are_the_same_on_every_call():
+    """A report regenerated from the same run files must print the same CIs: rliable resamples with numpy's global
+    generator, so report.interval_estimates seeds it (and leaves the caller's global state as it was)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from report import interval_estimates, mean_and_iqm
+
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.uniform(size=(5, 10)), "b": rng.uniform(size=(3, 10))}
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first = interval_estimates(scores, mean_and_iqm, reps=200)
+    assert np.array_equal(np.random.get_state()[1], before)  # the global generator is restored
+    np.random.uniform(size=7)  # whatever the caller's generator has done in between
+    second = interval_estimates(scores, mean_and_iqm, reps=200)
+    for label in scores:
+        assert np.array_equal(first[0][label], second[0][label]) and np.array_equal(first[1][label], second[1][label])
+        assert first[1][label][0, 0] < first[0][label][0] < first[1][label][1, 0]  # a real interval around the mean
+    other = interval_estimates(scores, mean_and_iqm, reps=200, seed=1)
+    assert not np.array_equal(first[1]["a"], other[1]["a"])  # the seed is what fixes them
+
+
 def test_targets_table_numbers_by_hand(tmp_path):
     """scripts/targets_table.py: success, AUC, the off-centre tasks, KL centre / off-centre and the right-left cosine."""
     from mtrl.envs import make_suite
