@@ -35,14 +35,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 CONFIG = REPO / "configs" / "metaworld_mt10.toml"
 
 
 def one_iteration(label: str, spec: list[str], data: dict, episodes: int, task: str, runs_dir: str) -> dict:
-    from conftest import read_jsonl, scalars
+    from mtrl.run import read_jsonl
+    from mtrl.run import read_scalars as scalars
 
     algo, *flags = spec
     single = algo == "ppo_single"

@@ -24,7 +24,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "tests"))
 
 from mtrl.envs import make_suite, make_vector_env  # noqa: E402
 
@@ -62,7 +61,7 @@ def timed_run(algo: str, env_id: str, extra: list[str], steps: int) -> dict:
     """Run ``algo`` as a user does (subprocess, no evaluation or checkpoints until the end) and return its
     per-iteration timings from TensorBoard: env steps, wall clock, rollout seconds, and the seconds spent
     outside the rollout (update, diagnostics, logging); the first iteration (start-up) is dropped."""
-    from conftest import scalars
+    from mtrl.run import read_scalars as scalars
 
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, str(REPO / "src" / "algos" / f"{algo}.py"), "--env-id", env_id, *extra, "--total-timesteps", str(steps),

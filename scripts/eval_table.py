@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import read_jsonl  # noqa: E402  (the reader the tests and the other scripts use)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mtrl.run import read_jsonl  # noqa: E402  (the reader the tests and the other scripts use)
 
 
 def evaluations(run_dir: Path) -> list[dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "src"))
 
 FACTOR = 10.0
 QUANTILE = 99.0
@@ -46,7 +46,7 @@ def threshold(task_loss_max: np.ndarray) -> float:
 
 def series(run_dirs: list[Path]) -> list[tuple[str, int, float, float]]:
     """(run, step, paco/task_loss_max, paco/mask_events) per iteration of each run folder or CSV file."""
-    from conftest import scalars
+    from mtrl.run import read_scalars as scalars
 
     rows = []
     for d in run_dirs:

@@ -50,6 +50,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="arch")  # rlia
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from mtrl.envs import make_suite  # noqa: E402
+from mtrl.run import read_jsonl  # noqa: E402
 sys.path.insert(0, str(REPO / "scripts"))
 from sweep_grid import TUNING_SEED_MIN  # noqa: E402
 
@@ -68,7 +69,7 @@ def load_runs(runs_dirs: list[Path]) -> tuple[list[dict], list[str]]:
                 moved_aside += 1
                 continue
             ev = run_dir / "eval.jsonl"
-            evals = [json.loads(line) for line in ev.read_text().splitlines() if line] if ev.is_file() else []
+            evals = read_jsonl(ev) if ev.is_file() else []
             if not (run_dir / "summary.json").is_file():
                 last = f"last evaluation at step {evals[-1]['global_step']:,}" if evals else "no evaluation yet"
                 warnings_.append(f"{run_dir}: not finished (no summary.json; {last})")

@@ -27,8 +27,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import read_jsonl, scalars  # noqa: E402  (the readers the tests and the other scripts use)
+sys.path.insert(0, str(REPO / "src"))
+from mtrl.run import read_jsonl  # noqa: E402  (the readers the tests and the other scripts use)
+from mtrl.run import read_scalars as scalars  # noqa: E402
 
 
 def phase_times(run_dir: Path) -> dict:

@@ -29,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import by_step, final_task_kl, fixed  # noqa: E402
 
 from mtrl.envs import make_suite  # noqa: E402
+from mtrl.run import read_jsonl  # noqa: E402
 
 OFF_CENTRE = ["standard-right", "long-pole-right", "standard-left", "long-pole-left"]
 
 
 def auc_of(run: Path) -> float:
     """report.py's success AUC of one run: the mean over evaluations of the mean success over its tasks."""
-    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line]
+    evals = read_jsonl(run / "eval.jsonl")
     evals = list(by_step(evals).values())  # a step evaluated twice (a run resumed at its end) counts once, its last line
     tasks = list(evals[0]["success"])
     curve = np.array([[[e["success"][t] for e in evals] for t in tasks]])  # (1 run, tasks, evals), as report.py holds it

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mtrl.run import read_jsonl  # noqa: F401  (re-exported for the tests)
+from mtrl.run import read_scalars as scalars  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 ALGOS = REPO / "src" / "algos"
@@ -30,19 +32,6 @@ def only_run(runs_dir: Path) -> Path:
     runs = [p for p in Path(runs_dir).iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All TensorBoard scalars of a run: tag -> [(step, value), ...]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
 @pytest.fixture

@@ -248,6 +248,21 @@ def jsonable(x):
     return x
 
 
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file (a run's ``eval.jsonl``), in order. Reports, benchmark scripts and
+    tests read runs back with this and ``read_scalars``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """All TensorBoard scalars of a run directory: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 # ----------------------------------------------------------------------------------------------
 # progress
 # ----------------------------------------------------------------------------------------------
