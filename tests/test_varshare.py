@@ -231,6 +231,26 @@ def test_tiny_run_each_mode_exact_ratio_and_diagnostics(runs_dir, mode):
     assert tags["losses/residual_penalty"][-1][1] > 0
 
 
+def test_mean_mode_and_matched_l2soft_runs_are_one_process_up_to_float_rounding(runs_dir):
+    """The ablation's varshare_mean and l2soft_matched rows: same seed, same width, same objective. They start from the
+    same weights and draw the same random numbers, so their logs agree to float rounding; a later gap between the two
+    rows is run-to-run chaos, not a difference of method (mean-mode rho gets no gradient at sigma = sigma0)."""
+    from conftest import run_algo, scalars
+
+    tags = {}
+    for name, mode in [("mean", ["--noise", "mean"]), ("l2", ["--residual", "l2"])]:
+        run_algo("ppo_varshare", "--runs-dir", str(runs_dir), "--run-name", name, *TINY, *mode)
+        tags[name] = scalars(runs_dir / name)
+    for tag in ["losses/policy_loss", "losses/value_loss", "losses/residual_penalty", "charts/episodic_return"]:
+        mean, l2 = [v for _, v in tags["mean"][tag]], [v for _, v in tags["l2"][tag]]
+        assert len(mean) == len(l2) >= 2 and mean == pytest.approx(l2, rel=1e-4, abs=1e-7), tag
+    assert tags["mean"]["losses/residual_penalty"][-1][1] > 0
+    ckpt = {n: torch.load(runs_dir / n / "checkpoints" / "latest.pt", weights_only=False)["agent"] for n in ("mean", "l2")}
+    assert set(ckpt["mean"]) - set(ckpt["l2"]) == {k for k in ckpt["mean"] if k.endswith(".rho")}
+    for k, v in ckpt["l2"].items():
+        torch.testing.assert_close(ckpt["mean"][k], v, rtol=0, atol=1e-4)
+
+
 def test_eval_weight_samples_logs_sampled_evaluations_and_is_refused_without_noise(runs_dir):
     from conftest import only_run, run_algo, scalars
 
