@@ -233,8 +233,9 @@ def test_tiny_run_each_mode_exact_ratio_and_diagnostics(runs_dir, mode):
 
 def test_mean_mode_and_matched_l2soft_runs_are_one_process_up_to_float_rounding(runs_dir):
     """The ablation's varshare_mean and l2soft_matched rows: same seed, same width, same objective. They start from the
-    same weights and draw the same random numbers, so their logs agree to float rounding; a later gap between the two
-    rows is run-to-run chaos, not a difference of method (mean-mode rho gets no gradient at sigma = sigma0)."""
+    same weights and draw the same random numbers, so their first iterations agree to float rounding (mean-mode rho
+    gets no gradient at sigma = sigma0). Their 5M-step runs still differ by more than seed noise (README, ablation):
+    whatever causes that is not in these first iterations."""
     from conftest import run_algo, scalars
 
     tags = {}
