@@ -2,8 +2,8 @@
 # Copy a study's small run files into the repository, so its tables and figures can be regenerated from a
 # clone and the study can later grow by more seeds instead of starting over:
 #   bash scripts/collect_results.sh runs/<study> context/results/<study>
-# Per finished run (a summary.json): config.json (with the repository's absolute path made relative), eval.jsonl, summary.json; and the sweep's grid.tsv (the
-# report names the runs of the grid that are missing). Checkpoints, TensorBoard files and logs stay out.
+# Per finished run (a summary.json): config.json (with the repository's absolute path made relative), eval.jsonl, summary.json; and the sweep's grid.tsv, merged into DEST's
+# (the report names the runs of the grid that are missing). Checkpoints, TensorBoard files and logs stay out.
 # Then: .venv/bin/python scripts/report.py --runs-dir context/results/<study> --out context/results/<study>/report
 set -euo pipefail
 [ $# = 2 ] || { echo "usage: bash scripts/collect_results.sh RUNS_DIR DEST (e.g. runs/targets_mt10 context/results/targets_mt10)" >&2; exit 2; }
@@ -23,5 +23,12 @@ for summary in "$src"/*/summary.json; do
   [ ! -f "$run/eval.jsonl" ] || cp "$run/eval.jsonl" "$dest/$name/"
   n=$((n + 1))
 done
-[ ! -f "$src/grid.tsv" ] || sed -e "s#$origin/##g" -e "s#$repo/##g" "$src/grid.tsv" >"$dest/grid.tsv"   # LOO rows name --init-from paths
+if [ -f "$src/grid.tsv" ]; then   # merged into DEST's grid: a study collected from several runs dirs (or machines) keeps every row
+  new=$(sed -e "s#$origin/##g" -e "s#$repo/##g" "$src/grid.tsv")   # LOO rows name --init-from paths
+  old=""; [ ! -f "$dest/grid.tsv" ] || old=$(cat "$dest/grid.tsv")
+  # rows of DEST in their order (a run in both takes the new row), then the new runs
+  printf '%s\n%s\n' "$old" "$new" | awk -F'\t' '$0 != "" { if (!($1 in row)) order[++n] = $1; row[$1] = $0 }
+                                                END { for (i = 1; i <= n; i++) print row[order[i]] }' >"$dest/grid.tsv.tmp"
+  mv "$dest/grid.tsv.tmp" "$dest/grid.tsv"
+fi
 echo "copied $n finished runs from $src to $dest"

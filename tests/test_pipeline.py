@@ -468,7 +468,8 @@ def test_evaluation_never_changes_training(tmp_path, algo):
 
 def test_collect_results_copies_the_small_files_with_relative_paths(tmp_path):
     """scripts/collect_results.sh: per finished run config.json (this checkout's absolute path removed),
-    eval.jsonl and summary.json; no checkpoints, event files or logs; unfinished runs left out."""
+    eval.jsonl and summary.json; no checkpoints, event files or logs; unfinished runs left out; grid.tsv merged into
+    the destination's, so collecting a study's new seeds from a fresh runs dir keeps the committed rows."""
     runs = tmp_path / "runs"
     done, unfinished = runs / "embed__s1", runs / "embed__s2"
     for d in (done, unfinished):
@@ -480,13 +481,17 @@ def test_collect_results_copies_the_small_files_with_relative_paths(tmp_path):
     (done / "summary.json").write_text("{}")
     (runs / "grid.tsv").write_text(f"embed__s1\tppo_mtl_embed\t--init-from {REPO}/runs/study/pre__s1\nembed__s2\tppo_mtl_embed\t\n")
     dest = tmp_path / "results"
+    dest.mkdir()  # an earlier collection of the same study, from another runs dir: its grid rows must survive
+    (dest / "grid.tsv").write_text("other__s1\tppo_single\t--seed 1\nembed__s1\tppo_mtl_embed\t--stale\n")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "collect_results.sh"), str(runs), str(dest)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (dest / "embed__s1").iterdir()) == ["config.json", "eval.jsonl", "summary.json"]
     assert not (dest / "embed__s2").exists() and (dest / "grid.tsv").is_file()
     config = json.loads((dest / "embed__s1" / "config.json").read_text())
     assert config == {"args": {"runs_dir": "runs/study"}, "command": [".venv/bin/python"]}
-    assert (dest / "grid.tsv").read_text().splitlines()[0] == "embed__s1\tppo_mtl_embed\t--init-from runs/study/pre__s1"  # LOO rows
+    # merged: the earlier row kept in its place, a run in both takes the new row (relative --init-from: LOO rows), new runs appended
+    assert (dest / "grid.tsv").read_text().splitlines() == [
+        "other__s1\tppo_single\t--seed 1", "embed__s1\tppo_mtl_embed\t--init-from runs/study/pre__s1", "embed__s2\tppo_mtl_embed\t"]
     bad = subprocess.run(["bash", str(REPO / "scripts" / "collect_results.sh"), str(tmp_path / "nope"), str(dest)], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr
 
