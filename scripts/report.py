@@ -2,6 +2,7 @@
 
     python scripts/report.py --runs-dir runs/toy_cartpole_mt10            # writes reports/toy_cartpole_mt10/
     python scripts/report.py --runs-dir runs/a runs/b --out reports/x --reference varshare
+    python scripts/report.py --runs-dir runs/a --out reports/a_s12 --seeds 1 2       # only seeds 1 and 2
 
 Runs are grouped by benchmark and method label. The label is the sweep's run-name prefix
 (``<label>__s<seed>``, ``<label>__<task>__s<seed>`` for the single-task oracle) or else the algorithm
@@ -57,16 +58,20 @@ from sweep_grid import TUNING_SEED_MIN  # noqa: E402
 NAME = re.compile(r"^(?P<label>[^_].*?)(__(?P<task>.+))?__s(?P<seed>\d+)$")
 
 
-def load_runs(runs_dirs: list[Path]) -> tuple[list[dict], list[str]]:
+def load_runs(runs_dirs: list[Path], seeds: set[int] | None = None) -> tuple[list[dict], list[str]]:
     """Finished runs (``summary.json`` present), and a warning for every run that is not there: unfinished
-    folders, runs listed in a sweep's ``grid.tsv`` without a finished folder, duplicates."""
-    runs, warnings_, seen, moved_aside = [], [], {}, 0
+    folders, runs listed in a sweep's ``grid.tsv`` without a finished folder, duplicates. With ``seeds``, only
+    runs of those seeds are read (the others are counted in one warning)."""
+    runs, warnings_, seen, moved_aside, other_seeds = [], [], {}, 0, 0
     for d in runs_dirs:
         finished_names = set()
         for cfg in sorted(Path(d).glob("*/config.json")):
             run_dir = cfg.parent
             if ".incomplete-" in run_dir.name:
                 moved_aside += 1
+                continue
+            if seeds is not None and json.loads(cfg.read_text())["args"]["seed"] not in seeds:
+                other_seeds += 1
                 continue
             ev = run_dir / "eval.jsonl"
             evals = read_jsonl(ev) if ev.is_file() else []
@@ -90,11 +95,16 @@ def load_runs(runs_dirs: list[Path]) -> tuple[list[dict], list[str]]:
         if grid.is_file():
             for line in grid.read_text().splitlines():
                 name = line.split("\t")[0]
+                m = NAME.match(name)
+                if seeds is not None and m and int(m["seed"]) not in seeds:
+                    continue
                 if name and name not in finished_names and not (Path(d) / name / "config.json").is_file():
                     warnings_.append(f"{Path(d) / name}: in the sweep's grid but never started or failed before writing "
                                      f"its config (log: {Path(d) / 'logs' / (name + '.log')})")
     if moved_aside:
         warnings_.append(f"{moved_aside} folder(s) that the sweep moved aside (*.incomplete-*) are ignored")
+    if other_seeds:
+        warnings_.append(f"{other_seeds} run folder(s) of seeds other than --seeds {' '.join(map(str, sorted(seeds)))} are left out")
     return runs, warnings_
 
 
@@ -234,15 +244,16 @@ def warnings_section(warnings_: list[str], heading: str) -> list[str]:
 
 
 def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000, tuning: bool = False,
-                 tuning_report: Path | None = None, ablation: Path | None = None) -> str:
+                 tuning_report: Path | None = None, ablation: Path | None = None, seeds: list[int] | None = None) -> str:
     from rliable import metrics
 
     if tuning_report is not None and not tuning_report.is_file():
         raise SystemExit(f"error: --tuning-report {tuning_report}: no such file (scripts/tune.py writes <out>/tuning.md)")
     groups = read_ablation(ablation) if ablation is not None else {}
-    runs, warnings_ = load_runs(runs_dirs)
+    runs, warnings_ = load_runs(runs_dirs, set(seeds) if seeds else None)
     if not runs:
-        raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, runs_dirs))}")
+        only = f" of seed(s) {' '.join(map(str, seeds))}" if seeds else ""
+        raise SystemExit(f"error: no finished run (summary.json){only} under {', '.join(map(str, runs_dirs))}")
     check_seeds(runs, tuning)
     scores, curves, members, notes = score_table(runs)
     warnings_ += notes
@@ -534,13 +545,15 @@ def plot_benchmark(env_id: str, curves: dict, score_dict: dict, out: Path, reps:
     plt.close(fig)
 
 
-def check_inputs(runs_dirs: list[Path], reps: int) -> None:
-    """Exit with an error unless every --runs-dir folder exists and --reps is at least 100."""
+def check_inputs(runs_dirs: list[Path], reps: int, seeds: list[int] | None = None) -> None:
+    """Exit with an error unless every --runs-dir folder exists, --reps is at least 100 and every --seeds is >= 1."""
     for d in runs_dirs:
         if not d.is_dir():
             raise SystemExit(f"error: --runs-dir {d}: no such folder")
     if reps < 100:
         raise SystemExit(f"error: --reps {reps}: use at least 100 bootstrap repetitions")
+    if seeds is not None and (not seeds or min(seeds) < 1):
+        raise SystemExit(f"error: --seeds {' '.join(map(str, seeds or []))}: give one or more seeds, each >= 1")
 
 
 def main() -> None:
@@ -552,9 +565,12 @@ def main() -> None:
     p.add_argument("--tuning", action="store_true", help="read a pure tuning runs dir (seeds >= 101); without it such runs are refused")
     p.add_argument("--tuning-report", type=Path, default=None, help="a tuning.md of scripts/tune.py to include in report.md")
     p.add_argument("--ablation", type=Path, default=None, help="a config with an [ablation] table: add its groups' tables (protocol.md section 8)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="only runs of these seeds (e.g. the seeds every ablation row has); default: every seed present")
     a = p.parse_args()
-    check_inputs(a.runs_dir, a.reps)
-    print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps, a.tuning, a.tuning_report, a.ablation))
+    check_inputs(a.runs_dir, a.reps, a.seeds)
+    print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps, a.tuning, a.tuning_report,
+                       a.ablation, a.seeds))
 
 
 if __name__ == "__main__":

@@ -439,6 +439,33 @@ def test_report_lists_every_missing_unfinished_or_partial_run(tmp_path):
     assert rows["varshare"]["steps_to_0.9"] == "3000" and rows["embed"]["steps_to_0.9"] == "-"
 
 
+def test_report_seeds_reads_only_the_named_seeds_and_refuses_bad_ones(tmp_path):
+    """--seeds 1 2: every row is the mean over seeds 1-2 only (a hand computation), grid entries of other seeds
+    are not reported missing, the left-out folders are counted; seed 0 or a seed with no run is an error."""
+    tasks = ["a", "b"]
+    runs = tmp_path / "runs"
+    finals = {1: [1.0, 0.5], 2: [0.5, 0.0], 3: [0.0, 0.0]}
+    for s, f in finals.items():
+        fake_run(runs, f"embed__s{s}", "ppo_x", s, dict(zip(tasks, f)))
+    fake_run(runs, "vs__s1", "ppo_x", 1, dict(zip(tasks, [0.25, 0.25])))
+    (runs / "grid.tsv").write_text("vs__s3\tppo_varshare\t--seed 3\nvs__s2\tppo_varshare\t--seed 2\n")
+    out = tmp_path / "report"
+    proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--reps", "200", "--reference", "vs", "--seeds", "1", "2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    rows = {r["method"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert rows["embed"]["runs"] == "2" and float(rows["embed"]["mean"]) == pytest.approx(0.5)  # (1 + .5 + .5 + 0) / 4
+    assert rows["vs"]["runs"] == "1" and float(rows["vs"]["mean"]) == pytest.approx(0.25)
+    assert "1 run folder(s) of seeds other than --seeds 1 2 are left out" in text
+    assert f"{runs / 'vs__s2'}: in the sweep's grid but never started" in text and "vs__s3" not in text
+    for bad, msg in ((["0"], "--seeds 0: give one or more seeds, each >= 1"), (["7"], "no finished run (summary.json) of seed(s) 7")):
+        proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(tmp_path / "r2"), "--seeds", *bad],
+                              capture_output=True, text=True, cwd=REPO, timeout=1200)
+        assert proc.returncode != 0 and msg in proc.stderr, proc.stderr
+    assert not (tmp_path / "r2").exists()
+
+
 def test_param_table_prints_every_preset_of_every_config():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "param_table.py"), "configs/toy_cartpole_mt10.toml"],
                           capture_output=True, text=True, cwd=REPO, timeout=1200)
