@@ -307,10 +307,9 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
                           "(0.5 = no difference), with 95% stratified bootstrap CIs:", ""]
             ref = score_dict[reference]
             others = {label: s for label, s in score_dict.items() if label != reference and s.shape[1] == ref.shape[1]}
-            if others:
-                poi, poi_ci = interval_estimates({label: [ref, s] for label, s in others.items()}, metrics.probability_of_improvement, reps)
-                for label in others:
-                    lines.append(f"- P({reference} > {label}) = {fmt_ci(float(poi[label]), np.ravel(poi_ci[label]))}")
+            for label, s in others.items():  # one bootstrap per pair: its CI does not move when other methods join the folder
+                poi, poi_ci = interval_estimates({label: [ref, s]}, metrics.probability_of_improvement, reps)
+                lines.append(f"- P({reference} > {label}) = {fmt_ci(float(poi[label]), np.ravel(poi_ci[label]))}")
             for label in sorted(set(score_dict) - set(others) - {reference}):
                 lines.append(f"- {label}: not comparable with {reference} (different task sets)")
         lines.append("")

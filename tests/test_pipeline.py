@@ -439,6 +439,28 @@ def test_report_lists_every_missing_unfinished_or_partial_run(tmp_path):
     assert rows["varshare"]["steps_to_0.9"] == "3000" and rows["embed"]["steps_to_0.9"] == "-"
 
 
+def test_report_probability_of_improvement_ci_does_not_depend_on_the_other_methods(tmp_path):
+    """Each pair gets its own seeded bootstrap: adding a method to the folder leaves P(ref > m) and its CI unchanged
+    (one shared bootstrap moved CI ends by 0.01 when ablation rows joined a study's folder)."""
+    rng = np.random.default_rng(3)
+    tasks = [f"t{i}" for i in range(6)]
+    runs, more = tmp_path / "runs", tmp_path / "more"
+    for label in ("ref", "m", "b"):  # b sorts before m: a shared bootstrap would draw b's resamples first
+        for s in (1, 2, 3):
+            success = dict(zip(tasks, np.round(rng.uniform(0, 1, len(tasks)), 1).tolist()))
+            for d in ((runs, more) if label != "b" else (more,)):
+                if not (d / f"{label}__s{s}").exists():
+                    fake_run(d, f"{label}__s{s}", "ppo_x", s, success)
+    lines = []
+    for d in (runs, more):
+        proc = subprocess.run([*REPORT, "--runs-dir", str(d), "--out", str(d / "report"), "--reps", "300", "--reference", "ref"],
+                              capture_output=True, text=True, cwd=REPO, timeout=1200)
+        assert proc.returncode == 0, proc.stderr
+        lines.append(next(line for line in (d / "report" / "report.md").read_text().splitlines() if line.startswith("- P(ref > m) = ")))
+    assert "- P(ref > b) = " in (more / "report" / "report.md").read_text()
+    assert lines[0] == lines[1]
+
+
 def test_report_seeds_reads_only_the_named_seeds_and_refuses_bad_ones(tmp_path):
     """--seeds 1 2: every row is the mean over seeds 1-2 only (a hand computation), grid entries of other seeds
     are not reported missing, the left-out folders are counted; seed 0 or a seed with no run is an error."""
