@@ -196,15 +196,21 @@ def sample_efficiency(steps: list[int], curve: np.ndarray, threshold: float = 0.
 
 
 def interval_estimates(score_dict: dict, func, reps: int, seed: int = 0):
-    """rliable's stratified-bootstrap point estimates and 95% CIs, the same on every call. rliable 1.2 draws its
-    resampling indices from numpy's global generator whatever random_state it is given, so the global generator is
-    seeded here (and restored afterwards): a report regenerated from the same run files prints the same CIs."""
+    """rliable's stratified-bootstrap point estimates and 95% CIs, the same on every call and one seeded bootstrap
+    per key. rliable 1.2 draws its resampling indices from numpy's global generator whatever random_state it is
+    given, so the global generator is seeded here (and restored afterwards): a report regenerated from the same run
+    files prints the same CIs. rliable resamples all keys of one call from one stream, so a key's CI would move
+    when another key joins the dict (a method joining a study's folder); each key gets its own call instead."""
     from rliable import library as rly
 
     state = np.random.get_state()
-    np.random.seed(seed)
+    point, ci = {}, {}
     try:
-        return rly.get_interval_estimates(score_dict, func, reps=reps, random_state=np.random.RandomState(seed))
+        for key, scores in score_dict.items():
+            np.random.seed(seed)
+            p, c = rly.get_interval_estimates({key: scores}, func, reps=reps, random_state=np.random.RandomState(seed))
+            point[key], ci[key] = p[key], c[key]
+        return point, ci
     finally:
         np.random.set_state(state)
 
@@ -307,8 +313,8 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
                           "(0.5 = no difference), with 95% stratified bootstrap CIs:", ""]
             ref = score_dict[reference]
             others = {label: s for label, s in score_dict.items() if label != reference and s.shape[1] == ref.shape[1]}
-            for label, s in others.items():  # one bootstrap per pair: its CI does not move when other methods join the folder
-                poi, poi_ci = interval_estimates({label: [ref, s]}, metrics.probability_of_improvement, reps)
+            poi, poi_ci = interval_estimates({label: [ref, s] for label, s in others.items()}, metrics.probability_of_improvement, reps)
+            for label in others:
                 lines.append(f"- P({reference} > {label}) = {fmt_ci(float(poi[label]), np.ravel(poi_ci[label]))}")
             for label in sorted(set(score_dict) - set(others) - {reference}):
                 lines.append(f"- {label}: not comparable with {reference} (different task sets)")

@@ -439,9 +439,10 @@ def test_report_lists_every_missing_unfinished_or_partial_run(tmp_path):
     assert rows["varshare"]["steps_to_0.9"] == "3000" and rows["embed"]["steps_to_0.9"] == "-"
 
 
-def test_report_probability_of_improvement_ci_does_not_depend_on_the_other_methods(tmp_path):
-    """Each pair gets its own seeded bootstrap: adding a method to the folder leaves P(ref > m) and its CI unchanged
-    (one shared bootstrap moved CI ends by 0.01 when ablation rows joined a study's folder)."""
+def test_report_cis_do_not_depend_on_the_other_methods(tmp_path):
+    """Each method (and each probability-of-improvement pair) gets its own seeded bootstrap: adding a method to the
+    folder leaves m's mean and IQM CIs and P(ref > m) with its CI unchanged (one shared bootstrap moved CI ends by
+    up to 0.01 when ablation rows joined a study's folder)."""
     rng = np.random.default_rng(3)
     tasks = [f"t{i}" for i in range(6)]
     runs, more = tmp_path / "runs", tmp_path / "more"
@@ -456,9 +457,11 @@ def test_report_probability_of_improvement_ci_does_not_depend_on_the_other_metho
         proc = subprocess.run([*REPORT, "--runs-dir", str(d), "--out", str(d / "report"), "--reps", "300", "--reference", "ref"],
                               capture_output=True, text=True, cwd=REPO, timeout=1200)
         assert proc.returncode == 0, proc.stderr
-        lines.append(next(line for line in (d / "report" / "report.md").read_text().splitlines() if line.startswith("- P(ref > m) = ")))
+        text = (d / "report" / "report.md").read_text().splitlines()
+        lines.append([next(line for line in text if line.startswith(start)) for start in ("- P(ref > m) = ", "| m | 3 | ", "| ref | 3 | ")])
     assert "- P(ref > b) = " in (more / "report" / "report.md").read_text()
     assert lines[0] == lines[1]
+    assert "[" in lines[0][1] and "[0.000, 0.000]" not in lines[0][1]  # the rows compared carry real intervals
 
 
 def test_report_seeds_reads_only_the_named_seeds_and_refuses_bad_ones(tmp_path):
