@@ -387,7 +387,8 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
     first quarter of the budget) and AUC (all evaluations), the residual price each task pays (final KL in nats at the
     prior of the group's first row, see :func:`kl_factor`; L2Soft and mean mode: the KL's mean part, i.e. the penalty at
     the matched price over beta) and the residual directions (mean and most negative off-diagonal cosine of the task x
-    task residual-mean cosines), mean over seeds."""
+    task residual-mean cosines), mean over seeds; and each seed's final success (mean over tasks), so a table can
+    show the seeds apart."""
     lines = []
     for group, labels in groups.items():
         present = [label for label in labels if label in score_dict]
@@ -401,9 +402,10 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
                   "KL: final KL(q_t || p) per task in nats, summed over tasks (L2Soft and mean mode: its mean part, the matched "
                   f"penalty / beta), at the prior of the group's first row ({present[0]}): a run with another prior scale (an "
                   "L2Soft row pinned to another c) has its mean part rescaled by (sigma0_run / sigma0_ref)^2, '-' where no single "
-                  "factor exists. Cosines: off-diagonal entries of the task x task cosine of the residual means.", "",
-                  "| method | runs | mean success | early AUC | AUC | total KL | largest task KL | mean cosine | lowest cosine |",
-                  "|---|---:|---|---:|---:|---:|---|---:|---:|"]
+                  "factor exists. Cosines: off-diagonal entries of the task x task cosine of the residual means. Per seed: each run's "
+                  "final success, mean over tasks (seed: success).", "",
+                  "| method | runs | mean success | early AUC | AUC | total KL | largest task KL | mean cosine | lowest cosine | per seed |",
+                  "|---|---:|---|---:|---:|---:|---|---:|---:|---|"]
         task_kl = {}
         for label in present:
             steps, curve = curves[keys[label]]
@@ -424,8 +426,9 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
                 cos = np.mean([np.asarray(r["summary"]["residual_cosine"]) for r in runs], 0)
                 off = cos[~np.eye(len(cos), dtype=bool)]
                 cos_cells = [f"{off.mean():+.2f}", f"{off.min():+.2f}"]
+            per_seed = ", ".join(f"{r['seed']}: {fixed(float(row.mean()), 2)}" for r, row in zip(runs, score_dict[label]))
             lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | {early_auc} | "
-                         f"{fixed(curve.mean())} | {' | '.join(kl_cells)} | {' | '.join(cos_cells)} |")
+                         f"{fixed(curve.mean())} | {' | '.join(kl_cells)} | {' | '.join(cos_cells)} | {per_seed} |")
         if task_kl:
             names = list(next(iter(task_kl.values())))
             lines += ["", f"Final KL per task, nats (mean over seeds; {tasks} tasks):", "", "| method | " + " | ".join(names) + " |",

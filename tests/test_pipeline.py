@@ -352,7 +352,8 @@ def test_report_numbers_equal_a_direct_computation(tmp_path):
 
 def test_report_ablation_section_numbers_by_hand(tmp_path):
     """--ablation CONFIG: one table per [ablation] group, rows in the group's order, early AUC over the first quarter
-    of the budget, per-task KL and the residual cosines, each equal to a hand computation; labels not run are named."""
+    of the budget, per-task KL, the residual cosines and each seed's final success, each equal to a hand computation;
+    labels not run are named."""
     tasks = ["a", "b", "c"]
     steps = tuple(range(1000, 9000, 1000))  # 8 evaluations, the first two in the first quarter
     runs = tmp_path / "runs"
@@ -362,7 +363,7 @@ def test_report_ablation_section_numbers_by_hand(tmp_path):
     for label, final in finals.items():
         for seed in (1, 2):
             kl = {f"varshare/kl_mean_part/{t}": 2.0 * seed + i for i, t in enumerate(tasks)} | {f"varshare/kl_var_part/{t}": 0.5 for t in tasks}
-            fake_run(runs, f"{label}__s{seed}", "ppo_varshare", seed, dict(zip(tasks, final)), steps=steps,
+            fake_run(runs, f"{label}__s{seed}", "ppo_varshare", seed, dict(zip(tasks, [f / seed for f in final])), steps=steps,
                      extra={"final_kl": kl, "residual_cosine": cos.tolist()})
             cfg = runs / f"{label}__s{seed}" / "config.json"
             cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "derived": {"sigma0": sigma0}}))
@@ -384,7 +385,8 @@ def test_report_ablation_section_numbers_by_hand(tmp_path):
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| l2soft |") or line.startswith("| varshare |")]
     assert [r[0].strip() for r in rows][:2] == ["l2soft", "varshare"]  # the group's order
     for label, row in zip(["l2soft", "varshare"], rows[:2]):
-        x = np.mean(finals[label])
+        x = np.mean(finals[label]) * (1 + 1 / 2) / 2  # seed 2 ends at half of seed 1's success
+        assert row[9].strip() == f"1: {np.mean(finals[label]):.2f}, 2: {np.mean(finals[label]) / 2:.2f}"
         assert row[2].strip().startswith(f"{x:.3f} [")
         assert float(row[3]) == pytest.approx(x * (1 + 2) / 8 / 2, abs=1e-3)  # early: evaluations at 1/8 and 2/8 of the final
         assert float(row[4]) == pytest.approx(x * 4.5 / 8, abs=1e-3)
