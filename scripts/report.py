@@ -426,7 +426,8 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
                 cos = np.mean([np.asarray(r["summary"]["residual_cosine"]) for r in runs], 0)
                 off = cos[~np.eye(len(cos), dtype=bool)]
                 cos_cells = [f"{off.mean():+.2f}", f"{off.min():+.2f}"]
-            per_seed = ", ".join(f"{r['seed']}: {fixed(float(row.mean()), 2)}" for r, row in zip(runs, score_dict[label]))
+            runs_per_seed = len(runs) // len(score_dict[label])  # the oracle: its T task runs per seed, in seed order
+            per_seed = ", ".join(f"{r['seed']}: {fixed(float(row.mean()), 2)}" for r, row in zip(runs[::runs_per_seed], score_dict[label]))
             lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | {early_auc} | "
                          f"{fixed(curve.mean())} | {' | '.join(kl_cells)} | {' | '.join(cos_cells)} | {per_seed} |")
         if task_kl:
