@@ -250,7 +250,8 @@ def warnings_section(warnings_: list[str], heading: str) -> list[str]:
 
 
 def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2000, tuning: bool = False,
-                 tuning_report: Path | None = None, ablation: Path | None = None, seeds: list[int] | None = None) -> str:
+                 tuning_report: Path | None = None, ablation: Path | None = None, seeds: list[int] | None = None,
+                 ablation_tasks: list[str] | None = None) -> str:
     from rliable import metrics
 
     if tuning_report is not None and not tuning_report.is_file():
@@ -263,6 +264,10 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
     check_seeds(runs, tuning)
     scores, curves, members, notes = score_table(runs)
     warnings_ += notes
+    known = sorted({t for names, _ in scores.values() for t in names})
+    unknown = [t for t in ablation_tasks or [] if t not in known]
+    if unknown:
+        raise SystemExit(f"error: --ablation-tasks {' '.join(unknown)}: no such task in these runs; allowed: {', '.join(known)}")
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {'Tuning runs (seeds >= %d; not for reporting)' % TUNING_SEED_MIN if tuning else 'Report'}: {', '.join(map(str, runs_dirs))}", "",
              "Final success rate per task (last evaluation). Mean and IQM over runs x tasks, 95% stratified bootstrap "
@@ -319,7 +324,8 @@ def write_report(runs_dirs: list[Path], out: Path, reference: str, reps: int = 2
             for label in sorted(set(score_dict) - set(others) - {reference}):
                 lines.append(f"- {label}: not comparable with {reference} (different task sets)")
         lines.append("")
-        lines += ablation_section(groups, {k[1]: k for k in keys}, score_dict, point, ci, curves, members)
+        lines += ablation_section(groups, {k[1]: k for k in keys}, score_dict, point, ci, curves, members,
+                                  {k[1]: scores[k][0] for k in keys}, ablation_tasks)
         plot_benchmark(env_id, {k[1]: curves[k] for k in keys}, score_dict, out, reps)
         stem = env_id.replace("/", "-")
         lines += [f"![curves](curves_{stem}.png) ![profiles](profiles_{stem}.png)", ""]
@@ -382,14 +388,17 @@ def kl_factor(run: dict, ref_sigma0: dict | None) -> float | None:
     return None if has_var else ratios[0] ** 2
 
 
-def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci: dict, curves: dict, members: dict) -> list[str]:
+def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci: dict, curves: dict, members: dict,
+                     task_names: dict, focus_tasks: list[str] | None = None) -> list[str]:
     """One table per ablation group: final success (mean, 95% CI), early AUC (mean success over the evaluations in the
     first quarter of the budget) and AUC (all evaluations), the residual price each task pays (final KL in nats at the
     prior of the group's first row, see :func:`kl_factor`; L2Soft and mean mode: the KL's mean part, i.e. the penalty at
     the matched price over beta) and the residual directions (mean and most negative off-diagonal cosine of the task x
     task residual-mean cosines), mean over seeds; and each seed's final success (mean over tasks), so a table can
-    show the seeds apart."""
-    lines = []
+    show the seeds apart. Then one summary table of every group's rows (a row in two groups: once), with the active
+    parameters per task and, for ``focus_tasks``, each task's final KL and final success (mean over seeds): the
+    README's ablation tables are this table as printed."""
+    lines, summary, in_summary = [], [], set()
     for group, labels in groups.items():
         present = [label for label in labels if label in score_dict]
         missing = [label for label in labels if label not in score_dict]
@@ -430,6 +439,15 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
             per_seed = ", ".join(f"{r['seed']}: {fixed(float(row.mean()), 2)}" for r, row in zip(runs[::runs_per_seed], score_dict[label]))
             lines.append(f"| {label} | {len(score_dict[label])} | {fmt_ci(point[label][0], ci[label][:, 0])} | {early_auc} | "
                          f"{fixed(curve.mean())} | {' | '.join(kl_cells)} | {' | '.join(cos_cells)} | {per_seed} |")
+            if label not in in_summary:
+                in_summary.add(label)
+                cells = [group, label, str(len(score_dict[label])), f"{runs[0]['summary']['params']['active_per_task']:,}",
+                         fmt_ci(point[label][0], ci[label][:, 0]), per_seed, early_auc, fixed(curve.mean()), cos_cells[1]]
+                if focus_tasks:  # a task this row did not train on (leave-one-out): '-'
+                    kl_of, names = task_kl.get(label), list(task_names[label])
+                    cells.append(" / ".join(f"{kl_of[t]:.1f}" if t in kl_of else "-" for t in focus_tasks) if kl_of else "-")
+                    cells.append(" / ".join(f"{score_dict[label][:, names.index(t)].mean():.2f}" if t in names else "-" for t in focus_tasks))
+                summary.append(cells)
         if task_kl:
             names = list(next(iter(task_kl.values())))
             lines += ["", f"Final KL per task, nats (mean over seeds; {tasks} tasks):", "", "| method | " + " | ".join(names) + " |",
@@ -438,6 +456,15 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
         if missing:
             lines += ["", f"Not run yet in this group: {', '.join(missing)}."]
         lines.append("")
+    if summary:
+        focus = " / ".join(focus_tasks or [])
+        head = ["group", "method", "runs", "active params", "final success [95% CI]", "per seed (seed: success)", "early AUC", "AUC",
+                "lowest cosine"] + ([f"KL {focus} (nats)", f"success {focus}"] if focus_tasks else [])
+        lines += ["### Ablation summary: every group's rows in one table", "",
+                  "The columns of the group tables above; KL: per task at the prior of the row's group's first row ('-' as "
+                  "above); success: final, mean over seeds.", "",
+                  "| " + " | ".join(head) + " |", "|---|---|---:|---:|---|---|---:|---:|---:|" + "---|---|" * bool(focus_tasks)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in summary] + [""]
     return lines
 
 
@@ -574,12 +601,16 @@ def main() -> None:
     p.add_argument("--tuning", action="store_true", help="read a pure tuning runs dir (seeds >= 101); without it such runs are refused")
     p.add_argument("--tuning-report", type=Path, default=None, help="a tuning.md of scripts/tune.py to include in report.md")
     p.add_argument("--ablation", type=Path, default=None, help="a config with an [ablation] table: add its groups' tables (protocol.md section 8)")
+    p.add_argument("--ablation-tasks", nargs="+", default=None,
+                   help="with --ablation: tasks whose final KL and success get columns in the ablation summary table")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="only runs of these seeds (e.g. the seeds every ablation row has); default: every seed present")
     a = p.parse_args()
     check_inputs(a.runs_dir, a.reps, a.seeds)
+    if a.ablation_tasks and a.ablation is None:
+        raise SystemExit(f"error: --ablation-tasks {' '.join(a.ablation_tasks)}: needs --ablation CONFIG (its tables carry the columns)")
     print(write_report(a.runs_dir, a.out or Path("reports") / a.runs_dir[0].name, a.reference, a.reps, a.tuning, a.tuning_report,
-                       a.ablation, a.seeds))
+                       a.ablation, a.seeds, a.ablation_tasks))
 
 
 if __name__ == "__main__":

@@ -385,10 +385,23 @@ def test_report_ablation_section_numbers_by_hand(tmp_path):
     config.write_text('[methods]\nvarshare = ["ppo_varshare"]\nl2soft = ["ppo_varshare", "--residual", "l2"]\nvarshare_step = ["ppo_varshare"]\n'
                       'varshare_mean = ["ppo_varshare"]\n[ablation]\nmatched = ["l2soft", "varshare", "varshare_step", "l2soft_tuned", "varshare_mean"]\n')
     out = tmp_path / "report"
-    proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--reps", "200", "--ablation", str(config)],
-                          capture_output=True, text=True, cwd=REPO, timeout=1200)
+    proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--reps", "200", "--ablation", str(config),
+                           "--ablation-tasks", "c", "a"], capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     section = (out / "report.md").read_text().split("### Ablation: matched")[1]
+    summary = section.split("### Ablation summary")[1]  # one row per label, the group's cells plus the focus tasks
+    assert "| KL c / a (nats) | success c / a |" in summary
+    summary_rows = {r[1].strip(): [c.strip() for c in r] for r in (line.split("|")[1:-1] for line in summary.splitlines() if line.startswith("| matched |"))}
+    assert list(summary_rows) == ["l2soft", "varshare", "varshare_step", "l2soft_tuned"]
+    for label in ("l2soft", "varshare"):
+        row, f = summary_rows[label], finals[label]
+        assert row[0] == "matched" and row[2] == "2" and row[3] == "100"
+        assert row[4].startswith(f"{np.mean(f) * 0.75:.3f} [") and row[5] == f"1: {np.mean(f):.2f}, 2: {np.mean(f) / 2:.2f}"
+        assert row[8] == "-0.60"
+        assert row[9] == "5.5 / 3.5"  # task c: mean over seeds of 2 s + 2 + 0.5; task a: of 2 s + 0.5
+        assert row[10] == f"{f[2] * 0.75:.2f} / {f[0] * 0.75:.2f}"  # seeds 1 and 2 end at f and f / 2
+    assert summary_rows["l2soft_tuned"][9] == "3.0 / 1.0" and summary_rows["varshare_step"][9] == "-"
+    assert summary_rows["varshare_step"][10] == "0.50 / 0.50"
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| l2soft |") or line.startswith("| varshare |")]
     assert [r[0].strip() for r in rows][:2] == ["l2soft", "varshare"]  # the group's order
     for label, row in zip(["l2soft", "varshare"], rows[:2]):
@@ -409,6 +422,11 @@ def test_report_ablation_section_numbers_by_hand(tmp_path):
     config.write_text('[methods]\nvarshare = ["ppo_varshare"]\n[ablation]\nmatched = ["varshare", "nope"]\n')
     proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(out), "--ablation", str(config)], capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert proc.returncode != 0 and "nope not in its [methods] table" in proc.stderr
+    config.write_text('[methods]\nvarshare = ["ppo_varshare"]\n[ablation]\nmatched = ["varshare"]\n')
+    for extra, message in ((["--ablation", str(config), "--ablation-tasks", "a", "d"], "--ablation-tasks d: no such task in these runs; allowed: a, b, c"),
+                           (["--ablation-tasks", "a"], "--ablation-tasks a: needs --ablation CONFIG")):
+        proc = subprocess.run([*REPORT, "--runs-dir", str(runs), "--out", str(tmp_path / "bad"), *extra], capture_output=True, text=True, cwd=REPO, timeout=1200)
+        assert proc.returncode != 0 and message in proc.stderr and not (tmp_path / "bad").exists()
 
 
 def test_report_lists_every_missing_unfinished_or_partial_run(tmp_path):
