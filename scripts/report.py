@@ -397,7 +397,7 @@ def ablation_section(groups: dict, keys: dict, score_dict: dict, point: dict, ci
     task residual-mean cosines), mean over seeds; and each seed's final success (mean over tasks), so a table can
     show the seeds apart. Then one summary table of every group's rows (a row in two groups: once), with the active
     parameters per task and, for ``focus_tasks``, each task's final KL and final success (mean over seeds): the
-    README's ablation tables are this table as printed."""
+    README's LunarLander-MT10 ablation table is this table as printed."""
     lines, summary, in_summary = [], [], set()
     for group, labels in groups.items():
         present = [label for label in labels if label in score_dict]
